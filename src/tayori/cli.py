@@ -1,0 +1,169 @@
+"""The ``tayori`` command: serve, check-config, queue list/show, config-reference.
+
+Takes: command-line arguments.
+Promises: each subcommand prints its result to stdout and exits 0; a problem the user can
+fix (bad config, unknown queue id, port in use) is one line on stderr and exit status 1
+(2 for wrong usage, from argparse). Never a traceback for a user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from tayori.config import ConfigError, load
+from tayori.queue.spool import Envelope, read_envelopes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"tayori: configuration error: {exc}", file=sys.stderr)
+        return 1
+    except UserError as exc:
+        print(f"tayori: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+class UserError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tayori", description="tayori mail transfer agent")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("-c", "--config", metavar="FILE",
+                         help="tayori.toml (default: the embedded default configuration)")
+        return sub
+
+    serve = with_config(commands.add_parser("serve", help="run the mail server"))
+    serve.set_defaults(func=_serve)
+    check = with_config(commands.add_parser("check-config", help="validate a configuration"))
+    check.set_defaults(func=_check_config)
+    queue = commands.add_parser("queue", help="inspect the queue")
+    queue_commands = queue.add_subparsers(dest="queue_command", required=True)
+    listing = with_config(queue_commands.add_parser("list", help="list queued messages"))
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.set_defaults(func=_queue_list)
+    show = with_config(queue_commands.add_parser("show", help="show one message"))
+    show.add_argument("queue_id")
+    show.add_argument("--json", action="store_true", help="envelope as JSON")
+    show.set_defaults(func=_queue_show)
+    reference = commands.add_parser("config-reference",
+                                    help="print the configuration reference (Markdown)")
+    reference.set_defaults(func=_config_reference)
+    default = commands.add_parser("default-config", help="print the embedded default config")
+    default.set_defaults(func=_default_config)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tayori.service import StartupError, run
+
+    try:
+        return run(args.config)
+    except StartupError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    print(f"{config.file}: OK ({len(config.listen)} listener(s), {len(config.match)} match "
+          f"rule(s), spool {config.spool})")
+    return 0
+
+
+def _queue_list(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    envelopes = list(read_envelopes(config.spool))
+    if args.json:
+        for env in envelopes:
+            print(json.dumps(_summary(env), ensure_ascii=False))
+        return 0
+    if not envelopes:
+        print("Queue is empty.")
+        return 0
+    print(f"{'QUEUE ID':<16} {'SIZE':>9} {'ARRIVED (UTC)':<19} {'STATE':<8} SENDER / RECIPIENTS")
+    for env in envelopes:
+        print(f"{env.queue_id:<16} {env.size:>9} {_time(env.received_at):<19} {env.state:<8} "
+              f"{env.sender or '<>'}")
+        for rcpt in env.recipients:
+            print(f"{'':<55} {rcpt.address} ({rcpt.state})")
+    total = sum(env.size for env in envelopes)
+    print(f"-- {len(envelopes)} message(s), {total} bytes.")
+    return 0
+
+
+def _queue_show(args: argparse.Namespace) -> int:
+    config = load(args.config)
+    found = list(read_envelopes(config.spool, args.queue_id))
+    if not found:
+        raise UserError(f"no message {args.queue_id!r} in the queue {config.spool}")
+    env = found[0]
+    if args.json:
+        print(json.dumps(asdict(env), ensure_ascii=False, indent=2))
+        return 0
+    print(f"Queue ID:    {env.queue_id}")
+    print(f"State:       {env.state}")
+    print(f"Arrived:     {_time(env.received_at)} UTC")
+    print(f"Size:        {env.size} bytes")
+    print(f"Sender:      {env.sender or '<>'}")
+    print(f"Client:      [{env.client_address}] HELO {env.helo} ({env.protocol})")
+    print(f"Body:        {env.body_type}{' SMTPUTF8' if env.smtputf8 else ''}")
+    if env.ret or env.envid:
+        print(f"DSN:         RET={env.ret or '-'} ENVID={env.envid or '-'}")
+    print("Recipients:")
+    for rcpt in env.recipients:
+        extra = "".join([f" NOTIFY={','.join(rcpt.notify)}" if rcpt.notify else "",
+                         f" ORCPT={rcpt.orcpt}" if rcpt.orcpt else ""])
+        print(f"  {rcpt.address}  state={rcpt.state} action={rcpt.action}{extra}")
+    print("Headers:")
+    path = os.path.join(config.spool, "messages", env.queue_id)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64 * 1024)
+    except OSError as exc:
+        print(f"  (body file unreadable: {exc.strerror})")
+        return 0
+    end = head.find(b"\r\n\r\n")
+    section = head[: end if end >= 0 else len(head)]
+    for line in section.decode("utf-8", "replace").split("\r\n"):
+        print(f"  {line}")
+    return 0
+
+
+def _summary(env: Envelope) -> dict[str, object]:
+    return {"queue_id": env.queue_id, "size": env.size, "received_at": env.received_at,
+            "state": env.state, "sender": env.sender,
+            "recipients": [{"address": r.address, "state": r.state} for r in env.recipients]}
+
+
+def _time(stamp: float) -> str:
+    return datetime.datetime.fromtimestamp(stamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from tayori.config.reference import markdown
+
+    sys.stdout.write(markdown())
+    return 0
+
+
+def _default_config(args: argparse.Namespace) -> int:
+    from tayori.config import default_text
+
+    sys.stdout.write(default_text())
+    return 0

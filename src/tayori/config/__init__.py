@@ -1,0 +1,81 @@
+"""Loading tayori's configuration: one TOML file, or the embedded default.
+
+Takes: a path to ``tayori.toml``, or None for the embedded default (``default.toml``
+beside this module: 127.0.0.1:2525, spool under ./var, relay for localhost only).
+Promises: a fully validated, frozen :class:`Config`; relative paths (spool, TLS files,
+table files) resolved against the config file's directory (the working directory for
+the embedded default), so a running daemon never depends on its cwd.
+Failure policy: :class:`ConfigError` with file, key, problem and what is allowed; a
+TOML syntax error names the line and column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from importlib import resources
+from typing import Any
+
+from tayori.config.model import (
+    ActionConfig,
+    Config,
+    LimitsConfig,
+    ListenConfig,
+    LogConfig,
+    MatchConfig,
+    SmtpConfig,
+    Table,
+    from_document,
+)
+from tayori.config.schema import ConfigError
+
+__all__ = ["ActionConfig", "Config", "ConfigError", "LimitsConfig", "ListenConfig",
+           "LogConfig", "MatchConfig", "SmtpConfig", "Table", "default_text", "load"]
+
+EMBEDDED = "(embedded default)"
+
+
+def default_text() -> str:
+    return resources.files("tayori.config").joinpath("default.toml").read_text("utf-8")
+
+
+def load(path: str | None) -> Config:
+    """Read and validate ``path`` (None: the embedded default)."""
+    if path is None:
+        return _resolved(_parse(default_text(), EMBEDDED, os.getcwd()), os.getcwd())
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read the file: {exc.strerror}",
+                          "a readable TOML file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "the file is not UTF-8", "UTF-8 text") from None
+    base = os.path.dirname(os.path.abspath(path))
+    return _resolved(_parse(text, path, base), base)
+
+
+def _parse(text: str, file: str, base: str) -> Config:
+    try:
+        document: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"TOML syntax error: {exc}", "TOML (https://toml.io)") \
+            from None
+    return from_document(document, file, base)
+
+
+def _resolved(config: Config, base: str) -> Config:
+    def absolute(path: str) -> str:
+        return os.path.normpath(os.path.join(base, path)) if path else path
+
+    listeners = tuple(dataclasses.replace(item, tls_cert=absolute(item.tls_cert),
+                                          tls_key=absolute(item.tls_key))
+                      for item in config.listen)
+    actions = {name: dataclasses.replace(action, path=absolute(action.path))
+               for name, action in config.actions.items()}
+    log = dataclasses.replace(config.log, file=absolute(config.log.file))
+    return dataclasses.replace(config, spool=absolute(config.spool), listen=listeners,
+                               actions=actions, log=log)

@@ -1,0 +1,387 @@
+"""The durable spool: one body file per message plus an SQLite index of envelopes.
+
+Takes: message content in pieces (a :class:`Draft` per message being received) and, at
+the end, its :class:`Envelope`.
+Promises (DESIGN §2.1, §2.2, §5):
+- ``await spool.commit(draft, envelope)`` returns only when the body file is written,
+  fsync'd and renamed from ``incoming/`` into ``messages/``, the directory fsync'd, and
+  the envelope with one row per recipient committed in SQLite (WAL, synchronous=FULL).
+  Only then may the caller say 250.
+- Commits from concurrent sessions are grouped: one committer thread renames a batch,
+  fsyncs the directory once and writes the batch in one SQLite transaction (group commit).
+  Body fsyncs run in parallel on the executor before that.
+- Crash safety: the index row is the commit point. On :meth:`open`, files left in
+  ``incoming/`` (never acknowledged) are removed, body files without an index row
+  (crash between rename and commit; never acknowledged) are removed, and index rows
+  whose body file is missing are marked ``corrupt`` and reported, never deleted.
+  Recipients left ``inflight`` by a crash go back to ``queued`` (at-least-once).
+Failure policy: OSError / sqlite3.Error from the disk reach the caller, which answers
+``452 4.3.1``; a failed batch leaves nothing visible (its files are unlinked).
+Config keys: ``spool``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    body_type TEXT NOT NULL,
+    smtputf8 INTEGER NOT NULL,
+    ret TEXT,
+    envid TEXT,
+    client_address TEXT NOT NULL,
+    client_name TEXT NOT NULL,
+    helo TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    message_id TEXT,
+    received_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued'
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    message TEXT NOT NULL REFERENCES messages(id),
+    idx INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    orcpt TEXT,
+    notify TEXT,
+    action TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_reply TEXT,
+    PRIMARY KEY (message, idx)
+);
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt);
+"""
+RECIPIENT_STATES = ("queued", "inflight", "deferred", "held", "delivered", "bounced", "expired")
+_CROCKFORD = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
+MAX_BATCH = 256
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A unique, time-sortable id: 13 characters (milliseconds, then 30 random bits)."""
+    stamp = int((time.time() if now is None else now) * 1000)
+    number = (stamp << 30) | secrets.randbits(30)
+    out = []
+    for _ in range(15):
+        number, digit = divmod(number, 31)
+        out.append(_CROCKFORD[digit])
+    return "".join(reversed(out)).lstrip("0") or "0"
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientRecord:
+    address: str
+    action: str
+    orcpt: str | None = None
+    notify: tuple[str, ...] | None = None
+    state: str = "queued"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    queue_id: str
+    sender: str                      # "" is the null reverse-path <>
+    recipients: tuple[RecipientRecord, ...]
+    size: int
+    client_address: str
+    client_name: str
+    helo: str
+    protocol: str
+    received_at: float
+    body_type: str = "7BIT"
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    message_id: str | None = None
+    state: str = "queued"
+
+
+@dataclass(slots=True)
+class Draft:
+    """A message being written into ``incoming/``. Not visible until committed."""
+
+    queue_id: str
+    path: str
+    final_path: str
+    handle: io.BufferedWriter[io.FileIO] = field(repr=False)
+    size: int = 0
+    error: OSError | None = None
+
+    def write(self, data: bytes) -> None:
+        """Append; a disk error is kept in ``error`` (the caller keeps reading input)."""
+        if self.error is not None:
+            return
+        try:
+            self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            return
+        self.size += len(data)
+
+    def finish(self) -> None:
+        """Flush, fsync and close (run on an executor thread)."""
+        handle = self.handle
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.handle.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    removed_incoming: int
+    removed_orphans: int
+    corrupt: tuple[str, ...]
+    requeued: int
+
+
+class Spool:
+    """The queue directory. ``open()`` before use, ``close()`` at the end."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.incoming = os.path.join(directory, "incoming")
+        self.messages = os.path.join(directory, "messages")
+        self.index_path = os.path.join(directory, "index.sqlite3")
+        self._committer: _Committer | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def open(self) -> RecoveryReport:
+        for path in (self.directory, self.incoming, self.messages):
+            os.makedirs(path, mode=0o750, exist_ok=True)
+        db = connect(self.index_path)
+        db.executescript(SCHEMA)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        report = self._recover(db)
+        self._committer = _Committer(db, self.messages)
+        return report
+
+    def close(self) -> None:
+        if self._committer is not None:
+            self._committer.stop()
+            self._committer = None
+
+    def _recover(self, db: sqlite3.Connection) -> RecoveryReport:
+        removed_incoming = 0
+        for name in os.listdir(self.incoming):
+            os.unlink(os.path.join(self.incoming, name))
+            removed_incoming += 1
+        on_disk = set(os.listdir(self.messages))
+        indexed = {row[0] for row in db.execute("SELECT id FROM messages")}
+        orphans = on_disk - indexed
+        for name in orphans:
+            os.unlink(os.path.join(self.messages, name))
+        missing = tuple(sorted(q for q in indexed - on_disk if not self._is_corrupt(db, q)))
+        with db:
+            db.executemany("UPDATE messages SET state = 'corrupt' WHERE id = ?",
+                           [(q,) for q in missing])
+            requeued = db.execute("UPDATE recipients SET state = 'queued' "
+                                  "WHERE state = 'inflight'").rowcount
+        if orphans or removed_incoming:
+            _fsync_dir(self.messages)
+        return RecoveryReport(removed_incoming, len(orphans), missing, requeued)
+
+    @staticmethod
+    def _is_corrupt(db: sqlite3.Connection, queue_id: str) -> bool:
+        row = db.execute("SELECT state FROM messages WHERE id = ?", (queue_id,)).fetchone()
+        return bool(row and row[0] == "corrupt")
+
+    # --- receiving ------------------------------------------------------------------
+
+    def new_draft(self, queue_id: str) -> Draft:
+        """Create ``incoming/<id>`` exclusively. Raises OSError (disk full, permissions)."""
+        path = os.path.join(self.incoming, queue_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        handle = io.BufferedWriter(io.FileIO(fd, "wb"), buffer_size=256 * 1024)
+        return Draft(queue_id, path, os.path.join(self.messages, queue_id), handle)
+
+    async def commit(self, draft: Draft, envelope: Envelope) -> None:
+        """Make the message durable; returns only when it is. Raises OSError/sqlite3.Error."""
+        if draft.error is not None:
+            raise draft.error
+        committer = self._committer
+        if committer is None:
+            raise RuntimeError("spool is not open")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, draft.finish)
+        except OSError:
+            draft.discard()
+            raise
+        future: asyncio.Future[None] = loop.create_future()
+        committer.submit(_Commit(draft, envelope, future, loop))
+        await future
+
+    # --- reading (queue tools) --------------------------------------------------------
+
+    def body_path(self, queue_id: str) -> str:
+        return os.path.join(self.messages, queue_id)
+
+
+def connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = FULL")
+    db.execute("PRAGMA foreign_keys = ON")
+    return db
+
+
+@dataclass(slots=True)
+class _Commit:
+    draft: Draft
+    envelope: Envelope
+    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+
+
+class _Committer:
+    """The single writer: renames, one directory fsync, one transaction per batch."""
+
+    def __init__(self, db: sqlite3.Connection, messages_dir: str) -> None:
+        self._db = db
+        self._messages_dir = messages_dir
+        self._queue: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="spool-committer", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: _Commit) -> None:
+        self._queue.put(item)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._db.close()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Commit]) -> None:
+        renamed: list[Draft] = []
+        try:
+            for item in batch:
+                os.rename(item.draft.path, item.draft.final_path)
+                renamed.append(item.draft)
+            _fsync_dir(self._messages_dir)
+            with self._db:
+                for item in batch:
+                    _insert(self._db, item.envelope)
+        except (OSError, sqlite3.Error) as exc:
+            for draft in renamed:
+                with contextlib.suppress(OSError):
+                    os.unlink(draft.final_path)
+            for item in batch:
+                item.draft.discard()
+                _resolve(item, exc)
+            return
+        for item in batch:
+            _resolve(item, None)
+
+
+def _resolve(item: _Commit, error: BaseException | None) -> None:
+    def settle() -> None:
+        if item.future.done():
+            return
+        if error is None:
+            item.future.set_result(None)
+        else:
+            item.future.set_exception(error)
+
+    with contextlib.suppress(RuntimeError):  # loop already closed at shutdown
+        item.loop.call_soon_threadsafe(settle)
+
+
+def _insert(db: sqlite3.Connection, env: Envelope) -> None:
+    db.execute(
+        "INSERT INTO messages (id, sender, size, body_type, smtputf8, ret, envid, "
+        "client_address, client_name, helo, protocol, message_id, received_at, state) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (env.queue_id, env.sender, env.size, env.body_type, int(env.smtputf8), env.ret,
+         env.envid, env.client_address, env.client_name, env.helo, env.protocol,
+         env.message_id, env.received_at, env.state))
+    db.executemany(
+        "INSERT INTO recipients (message, idx, address, orcpt, notify, action, state, "
+        "next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(env.queue_id, i, r.address, r.orcpt, ",".join(r.notify) if r.notify else None,
+          r.action, r.state, env.received_at) for i, r in enumerate(env.recipients)])
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- reading the index (queue tools; a separate connection, WAL allows it) --------------
+
+
+def read_envelopes(spool_dir: str, queue_id: str | None = None) -> Iterator[Envelope]:
+    """Every message in the index (or one), oldest first, with its recipients."""
+    path = os.path.join(spool_dir, "index.sqlite3")
+    if not os.path.exists(path):
+        return
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        query = "SELECT * FROM messages" + (" WHERE id = ?" if queue_id else "") + \
+            " ORDER BY received_at, id"
+        for row in db.execute(query, (queue_id,) if queue_id else ()).fetchall():
+            recipients = tuple(
+                RecipientRecord(r["address"], r["action"], r["orcpt"],
+                                tuple(r["notify"].split(",")) if r["notify"] else None,
+                                r["state"])
+                for r in db.execute("SELECT * FROM recipients WHERE message = ? ORDER BY idx",
+                                    (row["id"],)))
+            yield Envelope(
+                queue_id=row["id"], sender=row["sender"], recipients=recipients,
+                size=row["size"], client_address=row["client_address"],
+                client_name=row["client_name"], helo=row["helo"], protocol=row["protocol"],
+                received_at=row["received_at"], body_type=row["body_type"],
+                smtputf8=bool(row["smtputf8"]), ret=row["ret"], envid=row["envid"],
+                message_id=row["message_id"], state=row["state"])
+    finally:
+        db.close()
+
+
+def envelope_json(env: Envelope) -> str:
+    return json.dumps(asdict(env), ensure_ascii=False)

@@ -1,0 +1,183 @@
+"""Listeners and what their sessions share: config, spool, relay rules, TLS, limits.
+
+Takes: a validated Config and an open Spool.
+Promises: :meth:`Receiver.bind` creates the listening sockets (before privileges are
+dropped); :meth:`Receiver.serve` accepts connections, each a
+:class:`~tayori.receive.session.Session`; connections over ``limits.max_connections`` in
+total or ``limits.max_connections_per_ip`` from one address get ``421 4.7.0`` and are
+closed; :meth:`Receiver.drain` stops accepting, lets sessions finish for
+``limits.drain_timeout`` and then closes the rest (SIGTERM); :meth:`Receiver.reload`
+swaps in a new config for new sessions (SIGHUP) while running sessions keep theirs.
+Failure policy: a TLS file that cannot be loaded stops start-up (TlsSetupError); on
+reload the old contexts stay.
+Config keys: ``listen``, ``limits.max_connections``, ``limits.max_connections_per_ip``,
+``limits.drain_timeout``, ``smtp.*``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+from collections import Counter
+from dataclasses import dataclass
+
+from tayori import maillog
+from tayori.config import Config, ListenConfig
+from tayori.errors import Reply
+from tayori.policy.relay import Rules
+from tayori.queue.spool import Spool
+from tayori.receive import tls
+from tayori.receive.session import Session
+from tayori.smtp.server import EXTENSIONS_ALL, Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    host: str
+    port: int
+    proxy_protocol: bool
+    starttls: bool
+
+
+class Receiver:
+    def __init__(self, config: Config, spool: Spool) -> None:
+        self.spool = spool
+        self.config = config
+        self.rules = Rules(config)
+        self._tls: dict[str, ssl.SSLContext] = {}
+        self._sockets: list[tuple[Listener, socket.socket]] = []
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._per_ip: Counter[str] = Counter()
+        self._sessions = 0
+        self._load_tls(config)
+
+    # --- configuration ------------------------------------------------------------------
+
+    def engine_settings(self, listener: Listener) -> Settings:
+        config = self.config
+        smtp = config.smtp
+        disabled = set()
+        if not smtp.smtputf8:
+            disabled.add("SMTPUTF8")
+        if not smtp.chunking:
+            disabled |= {"CHUNKING", "BINARYMIME"}
+        if not smtp.dsn:
+            disabled.add("DSN")
+        return Settings(
+            hostname=config.hostname,
+            max_message_size=config.limits.max_message_size,
+            max_recipients=config.limits.max_recipients,
+            max_errors=config.limits.max_errors,
+            max_unknown_commands=config.limits.max_unknown_commands,
+            tls_available=listener.name in self._tls,
+            extensions=tuple(e for e in EXTENSIONS_ALL if e not in disabled))
+
+    def tls_context(self, listener: Listener) -> ssl.SSLContext | None:
+        return self._tls.get(listener.name)
+
+    def _load_tls(self, config: Config) -> None:
+        contexts = {}
+        for index, item in enumerate(config.listen):
+            if not item.starttls:
+                continue
+            cert, key = item.tls_cert, item.tls_key
+            if not cert:
+                cert, key = tls.self_signed(os.path.join(config.spool, "tls"), config.hostname)
+            contexts[_name(index, item)] = tls.server_context(cert, key)
+        self._tls = contexts
+
+    def reload(self, config: Config) -> None:
+        """Use ``config`` for new sessions. Raises TlsSetupError, keeping the old one."""
+        self._load_tls(config)
+        self.rules = Rules(config)
+        self.config = config
+        bound = {(lis.host, lis.port) for lis, _ in self._sockets}
+        wanted = {item.address for item in config.listen}
+        if bound != wanted:
+            maillog.warning("reload", reason="listener addresses changed; restart to apply")
+
+    # --- sockets ----------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        for index, item in enumerate(self.config.listen):
+            host, port = item.address
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                raise
+            sock.listen(1024)
+            sock.setblocking(False)
+            listener = Listener(_name(index, item), host, port, item.proxy_protocol,
+                                item.starttls)
+            self._sockets.append((listener, sock))
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener, sock in self._sockets:
+            server = await loop.create_server(lambda lis=listener: Session(self, lis),  # type: ignore[misc]
+                                              sock=sock, start_serving=True)
+            self._servers.append(server)
+            maillog.event("listening", listener=listener.name,
+                          address=f"[{listener.host}]:{listener.port}")
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [sock.getsockname()[:2] for _, sock in self._sockets]
+
+    # --- sessions -------------------------------------------------------------------------
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def admit(self, session: Session) -> Reply | None:
+        limits = self.config.limits
+        if self._sessions >= limits.max_connections:
+            return Reply(421, "4.7.0", f"{self.config.hostname} Too many connections, "
+                                       "try again later")
+        if self._per_ip[session.client_ip] >= limits.max_connections_per_ip:
+            return Reply(421, "4.7.0", f"{self.config.hostname} Too many connections from "
+                                       "your address, try again later")
+        self._sessions += 1
+        self._per_ip[session.client_ip] += 1
+        return None
+
+    def release(self, session: Session, admitted: bool) -> None:
+        if not admitted:
+            return
+        self._sessions -= 1
+        self._per_ip[session.client_ip] -= 1
+        if self._per_ip[session.client_ip] <= 0:
+            del self._per_ip[session.client_ip]
+
+    async def drain(self) -> None:
+        """Stop accepting; give sessions ``drain_timeout``; then close the rest."""
+        for server in self._servers:
+            server.close()
+        tasks = set(self._tasks)
+        if tasks:
+            maillog.event("draining", sessions=len(tasks))
+            _, pending = await asyncio.wait(tasks, timeout=self.config.limits.drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+
+def _name(index: int, item: ListenConfig) -> str:
+    host, port = item.address
+    return f"{item.mode}#{index}@{host}:{port}"
