@@ -25,7 +25,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "testdata"
 TIMEOUT = 10.0
 
 
-def testdata(*parts: str) -> Path:
+def shared_data(*parts: str) -> Path:
     """A path under ../shared/testdata; skips the test when the suites are absent."""
     import pytest
 
@@ -33,6 +33,9 @@ def testdata(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"external test data not present: {path} (CI has ../shared/testdata)")
     return path
+
+
+testdata = shared_data  # the older name
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -117,7 +120,7 @@ class Tayori:
             f'hostname = "{self.hostname}"\nspool = "{self.spool}"\n',
             toml_table("[log]", {"level": "debug", "file": str(self.log_path)}),
             toml_table("[[listen]]", {"address": address, **self.listen}),
-            toml_table("[limits]", self.limits),
+            toml_table("[limits]", {"drain_timeout": 5, **self.limits}),
             toml_table("[smtp]", self.smtp),
             toml_table("[tables]", {"local_domains": self.local_domains,
                                     "trusted_networks": self.trusted}),

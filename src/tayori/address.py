@@ -73,6 +73,8 @@ def split_path(argument: str) -> tuple[str, str]:
     to the first space.
     """
     text = argument.lstrip(" ")
+    if not text:
+        raise AddressError("Missing address")
     if not text.startswith("<"):
         head, _, rest = text.partition(" ")
         return head, rest
@@ -144,11 +146,11 @@ def to_ascii_domain(domain: str) -> str:
     out: list[str] = []
     for label in labels:
         if label.isascii():
-            if not _LDH_LABEL.match(label):
-                raise AddressError("Malformed domain")
             lower = label.lower()
             if lower.startswith("xn--"):
                 _check_idna(lower, decode=True)
+            elif not _LDH_LABEL.match(label):
+                raise AddressError("Malformed domain")
             out.append(lower)
         else:
             out.append(_check_idna(label, decode=False))

@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from tayori.address import AddressError, to_ascii_domain
+from tayori.address import AddressError, check_address_literal, to_ascii_domain
 from tayori.config.schema import (
     BOOL,
     DURATION,
@@ -277,7 +277,10 @@ def _match(raw: Any, index: int, file: str, tables: dict[str, Table],
         entries = tables[rule.to].entries if rule.to in tables else (rule.to,)
         for entry in entries:
             try:
-                to_ascii_domain(entry.removeprefix("*."))
+                if entry.startswith("["):
+                    check_address_literal(entry)
+                else:
+                    to_ascii_domain(entry.removeprefix("*."))
             except AddressError:
                 where = f"tables.{rule.to}" if rule.to in tables else f"{prefix}.to"
                 raise ConfigError(file, where, f"{entry!r} is not a domain",

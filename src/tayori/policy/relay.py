@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from tayori.address import to_ascii_domain
+from tayori.address import check_address_literal, to_ascii_domain
 from tayori.config import Config
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -47,8 +47,8 @@ class Rules:
                             for rule in config.match)
 
     def route(self, client_ip: str | None, authenticated: bool, domain: str) -> str | None:
+        """The action for a recipient in ``domain`` (``Mailbox.ascii_domain`` form)."""
         client = _address(client_ip)
-        domain = domain.lower()
         for rule in self._rules:
             if rule.matches(client, authenticated, domain):
                 return rule.action
@@ -77,6 +77,7 @@ def _compile(config: Config, sender: str, to: str, action: str) -> _Rule:
     if to != "any":
         entries = config.tables[to].entries if to in config.tables else (to,)
         exact = [e for e in entries if not e.startswith("*.")]
-        domains = frozenset(e.lower() if e.startswith("[") else to_ascii_domain(e) for e in exact)
+        domains = frozenset(check_address_literal(e) if e.startswith("[") else to_ascii_domain(e)
+                            for e in exact)
         wildcards = tuple("." + to_ascii_domain(e[2:]) for e in entries if e.startswith("*."))
     return _Rule(networks, sender == "authenticated", domains, wildcards, action)

@@ -14,6 +14,7 @@ RFC 5322 §3.6.7.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import re
 
@@ -44,7 +45,7 @@ def received_header(*, helo: str, client_ip: str, client_name: str | None, hostn
     lines = [f"Received: {from_part}", f"\tby {hostname} (tayori) with {protocol} id {queue_id}"]
     if tls is not None:
         lines.append(f"\t(using {tls.version} with cipher {tls.cipher} ({tls.bits} bits))")
-    date = email.utils.formatdate(when, localtime=False)
+    date = email.utils.format_datetime(datetime.datetime.fromtimestamp(when, datetime.UTC))
     lines.append(f"\tfor <{_safe(recipient)}>; {date}" if recipient else f"\t; {date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
