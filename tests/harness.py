@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -222,6 +223,15 @@ class Client:
         with contextlib.suppress(OSError):
             self.file.close()
             self.sock.close()
+
+    def starttls(self, server_hostname: str = "mx.tayori.test") -> None:
+        """Switch this connection to TLS (after a 220 to STARTTLS); trusts any certificate."""
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.file.close()
+        self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+        self.file = self.sock.makefile("rb")
 
     def send(self, data: bytes | str) -> None:
         self.sock.sendall(data.encode() if isinstance(data, str) else data)

@@ -161,7 +161,7 @@ class Session(asyncio.Protocol):
             event = engine.next_event()
             if event is None:
                 self._flush()
-                if not await self._wait_for_input():
+                if engine.closed or not await self._wait_for_input():
                     return
                 continue
             await self._dispatch(event)
