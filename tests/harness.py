@@ -99,6 +99,7 @@ class Tayori:
     local_domains: list[str] = field(default_factory=lambda: ["tayori.test", "localhost"])
     extra: str = ""
     hostname: str = "mx.tayori.test"
+    user: str = ""
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -118,7 +119,7 @@ class Tayori:
             self.port = free_port(self.host)
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         parts = [
-            f'hostname = "{self.hostname}"\nspool = "{self.spool}"\n',
+            f'hostname = "{self.hostname}"\nspool = "{self.spool}"\nuser = "{self.user}"\n',
             toml_table("[log]", {"level": "debug", "file": str(self.log_path)}),
             toml_table("[[listen]]", {"address": address, **self.listen}),
             toml_table("[limits]", {"drain_timeout": 5, **self.limits}),
@@ -268,7 +269,7 @@ class Client:
         self.sock.settimeout(timeout)
         try:
             return self.file.read(65536) == b"" or self.file.read(65536) == b""
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             return False
 
     def greeting_and_ehlo(self, name: str = "client.test") -> Reply:

@@ -64,7 +64,7 @@ async def _main(config: Config, config_path: str | None) -> int:
         raise StartupError(f"cannot listen: {exc.strerror} ({exc.errno})") from None
     try:
         if config.user:
-            drop_privileges(config.user, config.spool)
+            drop_privileges(config.user, config.spool, config.log.file)
         await receiver.serve()
         maillog.event("started", pid=os.getpid(), config=config.file, hostname=config.hostname)
         await _wait_for_signals(receiver, config_path)
@@ -93,15 +93,18 @@ def _reload(receiver: Receiver, config_path: str | None) -> None:
     try:
         config = load(config_path)
         receiver.reload(config)
-    except (ConfigError, TlsSetupError) as exc:
+    except (ConfigError, TlsSetupError, OSError) as exc:
         maillog.error("reload-failed", reason=str(exc), kept="previous configuration")
         return
-    maillog.configure(config.log.level, config.log.format, config.log.file)
+    try:
+        maillog.configure(config.log.level, config.log.format, config.log.file)
+    except OSError as exc:
+        maillog.error("reload-failed", reason=f"log file: {exc}", kept="previous log settings")
     maillog.event("reloaded", config=config.file)
 
 
-def drop_privileges(user: str, spool_dir: str) -> None:
-    """Give the spool to ``user`` and become it. A no-op unless running as root."""
+def drop_privileges(user: str, spool_dir: str, log_file: str) -> None:
+    """Give the spool (and log file) to ``user`` and become it. A no-op unless root."""
     if os.getuid() != 0:
         return
     try:
@@ -112,7 +115,9 @@ def drop_privileges(user: str, spool_dir: str) -> None:
         for name in [*dirs, *files]:
             with contextlib.suppress(FileNotFoundError):
                 os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
-    os.chown(spool_dir, entry.pw_uid, entry.pw_gid)
+    for path in (spool_dir, log_file):
+        if path:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
     os.setgroups([])
     os.setgid(entry.pw_gid)
     os.setuid(entry.pw_uid)

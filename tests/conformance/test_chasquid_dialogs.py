@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from harness import Client, Reply, Tayori, queued_id, shared_data, strip_received
 
 DIALOGS = "smtp", "chasquid-dialogs"
@@ -89,7 +90,7 @@ class Runner:
                 self.client.close()
 
     def step(self, number: int, line: str) -> None:
-        _, action, argument = (line.split(" ", 2) + ["", ""])[:3]
+        _, action, argument = [*line.split(" ", 2), "", ""][:3]
         override = OVERRIDES.get((self.script.name, number))
         where = f"{self.script.name}:{number}: {line[:60]!r}"
         if action == "tcp_connect":
@@ -127,7 +128,7 @@ class Runner:
         elif action == "<~":
             assert re.match(argument, got), f"{where}: got {got}"
         else:  # "<... 250 HELP": read a multi-line reply to its end (tayori has no HELP line)
-            assert str(reply.code) == argument.split()[0], f"{where}: got {got}"
+            assert str(reply.code) == argument.split(maxsplit=1)[0], f"{where}: got {got}"
         self.check_verify_file(reply.code)
 
     def check_verify_file(self, code: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from harness import SHARED, Client, Tayori, queued_id, shared_data, strip_received
 
 MIME = SHARED / "mime"

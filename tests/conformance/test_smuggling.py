@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
+
 from harness import Client, Tayori, envelopes_by_id, shared_data
 
 SMUGGLED = (b"MAIL FROM:<attacker@evil.example>\r\nRCPT TO:<smuggled@tayori.test>\r\n"

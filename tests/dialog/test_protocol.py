@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+
 from harness import Client, Tayori, envelopes_by_id, queued_id, strip_received
 
 MESSAGE = b"From: a@example.net\r\nTo: u@tayori.test\r\nSubject: t\r\n\r\nhello\r\n"

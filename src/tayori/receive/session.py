@@ -4,9 +4,10 @@ Takes: an accepted connection from :mod:`tayori.receive.listener`, the running
 :class:`~tayori.receive.listener.Receiver` (config, spool, rules, limits).
 Promises: the engine's events are answered in order, one verb's rules in one handler
 (dispatched by :meth:`Session._dispatch`); message content goes to a spool
-:class:`Draft` chunk by chunk (reading pauses while more than :data:`HIGH_WATER` bytes wait, so memory per session is
-bounded); ``250`` is sent only after ``Spool.commit`` returned (DESIGN §2.1); the queue id
-is in the 250 reply, the Received header and every log line of the message.
+:class:`Draft` chunk by chunk (reading pauses while more than :data:`HIGH_WATER` bytes
+wait, so memory per session is bounded); ``250`` is sent only after ``Spool.commit``
+returned (DESIGN §2.1); the queue id is in the 250 reply, the Received header and every
+log line of the message.
 Failure policy: a disk error while receiving answers ``452 4.3.1`` and the session goes on;
 an unexpected exception answers ``451 4.3.0`` (never its text) and closes; idle clients
 get ``421 4.4.2`` after ``limits.command_timeout`` / ``limits.data_timeout``.
