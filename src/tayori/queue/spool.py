@@ -7,9 +7,12 @@ Promises (DESIGN §2.1, §2.2, §5):
   fsync'd and renamed from ``incoming/`` into ``messages/``, the directory fsync'd, and
   the envelope with one row per recipient committed in SQLite (WAL, synchronous=FULL).
   Only then may the caller say 250.
-- Commits from concurrent sessions are grouped: one committer thread renames a batch,
-  fsyncs the directory once and writes the batch in one SQLite transaction (group commit).
-  Body fsyncs run in parallel on the executor before that.
+- A draft stays in memory up to 256 KiB and is streamed to ``incoming/`` beyond that, so
+  a small message costs one hand-off to an I/O thread (create, write, fsync, rename) and
+  memory per session stays bounded.
+- Commits from concurrent sessions are grouped: the body fsyncs run in parallel on the
+  I/O threads, then one committer thread fsyncs the directory once for the batch and
+  writes the batch in one SQLite transaction (group commit).
 - Crash safety: the index row is the commit point. On :meth:`open`, files left in
   ``incoming/`` (never acknowledged) are removed, body files without an index row
   (crash between rename and commit; never acknowledged) are removed, and index rows
@@ -33,6 +36,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 SCHEMA_VERSION = 1
@@ -71,6 +75,8 @@ CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt);
 RECIPIENT_STATES = ("queued", "inflight", "deferred", "held", "delivered", "bounced", "expired")
 _CROCKFORD = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
 MAX_BATCH = 256
+IO_THREADS = 32
+SPILL_SIZE = 256 * 1024
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -114,38 +120,66 @@ class Envelope:
 
 @dataclass(slots=True)
 class Draft:
-    """A message being written into ``incoming/``. Not visible until committed."""
+    """A message being received. Held in memory up to :data:`SPILL_SIZE`, then streamed
+    to ``incoming/<id>``; not visible in the queue until committed."""
 
     queue_id: str
     path: str
     final_path: str
-    handle: io.BufferedWriter[io.FileIO] = field(repr=False)
     size: int = 0
     error: OSError | None = None
+    _memory: bytearray = field(default_factory=bytearray, repr=False)
+    _file: io.BufferedWriter[io.FileIO] | None = field(default=None, repr=False)
 
     def write(self, data: bytes) -> None:
         """Append; a disk error is kept in ``error`` (the caller keeps reading input)."""
         if self.error is not None:
             return
         try:
-            self.handle.write(data)
+            if self._file is not None:
+                self._file.write(data)
+            else:
+                self._memory += data
+                if len(self._memory) > SPILL_SIZE:
+                    self._spill()
         except OSError as exc:
             self.error = exc
             return
         self.size += len(data)
 
-    def finish(self) -> None:
-        """Flush, fsync and close (run on an executor thread)."""
-        handle = self.handle
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
+    def _spill(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._file = io.BufferedWriter(io.FileIO(fd, "wb"), buffer_size=SPILL_SIZE)
+        self._file.write(self._memory)
+        self._memory = bytearray()
+
+    def persist(self) -> None:
+        """Write out, fsync, close and rename into ``messages/`` (on an executor thread:
+        one hand-off per message, and the fsyncs of concurrent sessions overlap)."""
+        if self._file is None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(self._memory)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        os.rename(self.path, self.final_path)
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self.handle.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        """Forget the message: close and remove whatever was written."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        self._memory = bytearray()
+        for path in (self.path, self.final_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +199,9 @@ class Spool:
         self.messages = os.path.join(directory, "messages")
         self.index_path = os.path.join(directory, "index.sqlite3")
         self._committer: _Committer | None = None
+        # File creation and fsync wait on the disk, not the CPU: enough threads that the
+        # sessions' fsyncs overlap and the filesystem can commit them together.
+        self._io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="spool-io")
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -182,6 +219,7 @@ class Spool:
         if self._committer is not None:
             self._committer.stop()
             self._committer = None
+        self._io.shutdown(wait=True)
 
     def _recover(self, db: sqlite3.Connection) -> RecoveryReport:
         removed_incoming = 0
@@ -211,22 +249,23 @@ class Spool:
     # --- receiving ------------------------------------------------------------------
 
     def new_draft(self, queue_id: str) -> Draft:
-        """Create ``incoming/<id>`` exclusively. Raises OSError (disk full, permissions)."""
-        path = os.path.join(self.incoming, queue_id)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        handle = io.BufferedWriter(io.FileIO(fd, "wb"), buffer_size=256 * 1024)
-        return Draft(queue_id, path, os.path.join(self.messages, queue_id), handle)
+        """A draft for a new message. The file is created when the content outgrows
+        memory (``incoming/<id>``, exclusively) or at commit; OSError shows there."""
+        return Draft(queue_id, os.path.join(self.incoming, queue_id),
+                     os.path.join(self.messages, queue_id))
 
     async def commit(self, draft: Draft, envelope: Envelope) -> None:
-        """Make the message durable; returns only when it is. Raises OSError/sqlite3.Error."""
+        """Make the message durable; returns only when it is. Raises OSError/sqlite3.Error
+        (the draft is then discarded: nothing of it stays visible)."""
         if draft.error is not None:
+            draft.discard()
             raise draft.error
         committer = self._committer
         if committer is None:
             raise RuntimeError("spool is not open")
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, draft.finish)
+            await loop.run_in_executor(self._io, draft.persist)
         except OSError:
             draft.discard()
             raise
@@ -257,7 +296,7 @@ class _Commit:
 
 
 class _Committer:
-    """The single writer: renames, one directory fsync, one transaction per batch."""
+    """The single writer: one directory fsync and one transaction per batch."""
 
     def __init__(self, db: sqlite3.Connection, messages_dir: str) -> None:
         self._db = db
@@ -295,19 +334,12 @@ class _Committer:
                 return
 
     def _commit(self, batch: list[_Commit]) -> None:
-        renamed: list[Draft] = []
         try:
-            for item in batch:
-                os.rename(item.draft.path, item.draft.final_path)
-                renamed.append(item.draft)
-            _fsync_dir(self._messages_dir)
+            _fsync_dir(self._messages_dir)  # the renames of the whole batch, at once
             with self._db:
                 for item in batch:
                     _insert(self._db, item.envelope)
         except (OSError, sqlite3.Error) as exc:
-            for draft in renamed:
-                with contextlib.suppress(OSError):
-                    os.unlink(draft.final_path)
             for item in batch:
                 item.draft.discard()
                 _resolve(item, exc)
