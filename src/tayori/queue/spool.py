@@ -31,7 +31,7 @@ import io
 import json
 import os
 import queue
-import secrets
+import random
 import sqlite3
 import threading
 import time
@@ -74,6 +74,7 @@ CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt);
 """
 RECIPIENT_STATES = ("queued", "inflight", "deferred", "held", "delivered", "bounced", "expired")
 _CROCKFORD = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
+_random = random.Random()  # seeded from os.urandom; ids need uniqueness, not secrecy
 MAX_BATCH = 256
 IO_THREADS = 32
 SPILL_SIZE = 256 * 1024
@@ -82,7 +83,7 @@ SPILL_SIZE = 256 * 1024
 def new_queue_id(now: float | None = None) -> str:
     """A unique, time-sortable id: 13 characters (milliseconds, then 30 random bits)."""
     stamp = int((time.time() if now is None else now) * 1000)
-    number = (stamp << 30) | secrets.randbits(30)
+    number = (stamp << 30) | _random.getrandbits(30)
     out = []
     for _ in range(15):
         number, digit = divmod(number, 31)

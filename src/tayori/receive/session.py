@@ -52,7 +52,7 @@ from tayori.smtp.server import (
 if TYPE_CHECKING:
     from tayori.receive.listener import Listener, Receiver
 
-HIGH_WATER = 1024 * 1024
+HIGH_WATER = 256 * 1024
 LINGER_SECONDS = 2.0
 PROXY_TIMEOUT = 10.0
 STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
