@@ -22,7 +22,7 @@ import signal
 
 from tayori import maillog
 from tayori.config import Config, ConfigError, load
-from tayori.queue.spool import Spool
+from tayori.queue.spool import Spool, SpoolBusy
 from tayori.receive.listener import Receiver
 from tayori.receive.tls import TlsSetupError
 
@@ -47,6 +47,8 @@ async def _main(config: Config, config_path: str | None) -> int:
     spool = Spool(config.spool)
     try:
         report = spool.open()
+    except SpoolBusy as exc:
+        raise StartupError(str(exc)) from None
     except OSError as exc:
         raise StartupError(f"cannot open the spool {config.spool}: {exc.strerror}") from None
     maillog.event("spool-recovered", spool=config.spool, removed_incoming=report.removed_incoming,

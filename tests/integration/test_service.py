@@ -257,3 +257,11 @@ def test_queue_list_and_show(tayori: Tayori) -> None:
     missing = tayori_cli("queue", "show", "NOSUCHID", "-c", config)
     assert missing.returncode == 1 and "no message" in missing.stderr
     assert "message_id=<m1@example.net>" in tayori.log()
+
+
+def test_a_second_tayori_on_the_same_spool_is_refused(tayori: Tayori, tmp_path: Path) -> None:
+    other = tmp_path / "other.toml"
+    other.write_text(tayori.config_text().replace(str(tayori.port), str(free_port())))
+    result = tayori_cli("serve", "-c", str(other))
+    assert result.returncode == 1
+    assert "in use by another tayori" in result.stderr

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -183,6 +184,10 @@ class Draft:
                 os.unlink(path)
 
 
+class SpoolBusy(OSError):
+    """Another process holds the spool's lock."""
+
+
 @dataclass(frozen=True, slots=True)
 class RecoveryReport:
     removed_incoming: int
@@ -200,6 +205,7 @@ class Spool:
         self.messages = os.path.join(directory, "messages")
         self.index_path = os.path.join(directory, "index.sqlite3")
         self._committer: _Committer | None = None
+        self._lock_fd: int | None = None
         # File creation and fsync wait on the disk, not the CPU: enough threads that the
         # sessions' fsyncs overlap and the filesystem can commit them together.
         self._io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="spool-io")
@@ -207,8 +213,13 @@ class Spool:
     # --- lifecycle ------------------------------------------------------------------
 
     def open(self) -> RecoveryReport:
+        """Lock the spool for this process, recover it, start the committer.
+
+        Raises SpoolBusy when another tayori holds the spool, OSError for disk problems.
+        """
         for path in (self.directory, self.incoming, self.messages):
             os.makedirs(path, mode=0o750, exist_ok=True)
+        self._lock()
         db = connect(self.index_path)
         db.executescript(SCHEMA)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -221,6 +232,22 @@ class Spool:
             self._committer.stop()
             self._committer = None
         self._io.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _lock(self) -> None:
+        fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SpoolBusy(f"the spool {self.directory} is in use by another tayori "
+                            f"(pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     def _recover(self, db: sqlite3.Connection) -> RecoveryReport:
         removed_incoming = 0
