@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import Tayori  # noqa: E402
+from harness import Tayori
 
 
 @pytest.fixture

@@ -130,6 +130,7 @@ def test_bare_lf_ending_a_command_closes(server: Tayori) -> None:
     ("<a@example.net> BODY=9BIT", 501, "5.5.4"),
     ("<a@example.net> FOO=1", 555, "5.5.4"),
     ("<a@example.net> RET=FULL RET=HDRS", 501, "5.5.4"),
+    ("<a@example.net> RET=FULL RET=FULL", 250, "2.1.0"),
     ("<a@example.net> ENVID=bad=value", 501, "5.5.4"),
     ("<ü@example.net>", 553, "5.6.7"),
     ("<ü@例え.jp> SMTPUTF8", 250, "2.1.0"),

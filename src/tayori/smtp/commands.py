@@ -61,15 +61,19 @@ def parse_command(line: bytes) -> tuple[str, str]:
 
 
 def split_params(text: str) -> dict[str, str | None]:
-    """``A=1 B`` -> {"A": "1", "B": None}; keywords upper-cased; duplicates refused."""
+    """``A=1 B`` -> {"A": "1", "B": None}; keywords upper-cased.
+
+    A parameter repeated with the same value is taken once (Python's smtplib repeats
+    SMTPUTF8, and Postfix accepts it); repeated with another value it is refused.
+    """
     params: dict[str, str | None] = {}
     for item in text.split():
         key, eq, value = item.partition("=")
         if not _KEYWORD.match(key) or (eq and not value):
             raise ParamError(Reply(501, "5.5.4", f"Malformed parameter: {_printable(item)}"))
         key = key.upper()
-        if key in params:
-            raise ParamError(Reply(501, "5.5.4", f"Duplicate parameter: {key}"))
+        if key in params and params[key] != (value if eq else None):
+            raise ParamError(Reply(501, "5.5.4", f"Conflicting values for parameter {key}"))
         params[key] = value if eq else None
     return params
 
