@@ -172,6 +172,15 @@ class Tayori:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def worker_count(self) -> int:
+        """How many worker processes serve (from the ``started`` log line)."""
+        match = re.search(r" started .*workers=(\d+)", self.log())
+        return int(match.group(1)) if match else 1
+
+    def reloaded(self) -> bool:
+        """True once every worker has reloaded its config after a SIGHUP."""
+        return self.log().count(" reloaded ") >= self.worker_count()
+
     def envelopes(self) -> list[Envelope]:
         return list(read_envelopes(str(self.spool)))
 

@@ -1,30 +1,45 @@
-"""The running daemon: start-up, privileges, signals, shutdown.
+"""The running daemon: start-up, worker processes, privileges, signals, shutdown.
 
 Takes: a config path (or None for the embedded default).
-Promises: start-up in a safe order: validate the config, open the spool (recovering it
-after a crash, DESIGN §2.2), bind the listeners (privileged ports need root), prepare the
-spool for the unprivileged ``user`` and drop to it, then serve. SIGTERM/SIGINT drain:
-no new connections, running sessions get ``limits.drain_timeout`` to finish, then the
-spool is closed and the process exits 0. SIGHUP re-reads the config; an invalid new config
-is logged and the old one kept.
+Promises: start-up in a safe order: validate the config, lock and recover the spool
+(DESIGN §2.2), bind the listeners (privileged ports need root), hand the spool to the
+unprivileged ``user`` and drop to it, then serve. With ``workers`` above 1 the process
+becomes a supervisor that forks that many workers (each with its own event loop, spool
+committer and index connection, all accepting on the shared listening sockets), restarts
+a worker that dies, and forwards signals; workers die with the supervisor
+(PR_SET_PDEATHSIG), so a killed tayori leaves nothing behind. SIGTERM/SIGINT drain: no
+new connections, running sessions get ``limits.drain_timeout`` to finish, then exit 0.
+SIGHUP re-reads the config; an invalid new config is logged and the old one kept.
 Failure policy: a start-up problem (bad config, port in use, unknown user, unreadable TLS
-file) raises :class:`StartupError` with a one-line reason; the CLI prints it and exits 1.
-Config keys: ``user``, ``log.*``, ``spool`` and, through the receiver, the rest.
+file, spool in use) raises :class:`StartupError` with a one-line reason; the CLI prints
+it and exits 1. A worker that keeps dying at start stops the whole service (exit 1).
+Config keys: ``user``, ``workers``, ``log.*``, ``spool`` and, through the receiver, the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import pwd
 import signal
+import time
+import traceback
+from collections.abc import Coroutine
+from typing import Any
 
 from tayori import maillog
-from tayori.config import Config, ConfigError, load
+from tayori.config import ConfigError, load
 from tayori.queue.spool import Spool, SpoolBusy
+from tayori.receive.connections import ConnectionTable
 from tayori.receive.listener import Receiver
 from tayori.receive.tls import TlsSetupError
+
+PR_SET_PDEATHSIG = 1
+RESPAWN_WINDOW = 5.0      # a worker that dies sooner than this after its start...
+MAX_QUICK_DEATHS = 3      # ...this many times in a row stops the service
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 class StartupError(Exception):
@@ -35,18 +50,9 @@ def run(config_path: str | None) -> int:
     """Run until SIGTERM. Returns the exit status."""
     config = load(config_path)
     maillog.configure(config.log.level, config.log.format, config.log.file)
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(_main(config, config_path))
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_main(config, config_path))
-
-
-async def _main(config: Config, config_path: str | None) -> int:
     spool = Spool(config.spool)
     try:
-        report = spool.open()
+        report = spool.prepare()
     except SpoolBusy as exc:
         raise StartupError(str(exc)) from None
     except OSError as exc:
@@ -55,8 +61,9 @@ async def _main(config: Config, config_path: str | None) -> int:
                   removed_unacknowledged=report.removed_orphans, requeued=report.requeued)
     for queue_id in report.corrupt:
         maillog.error("corrupt", queue_id=queue_id, reason="body file missing; kept in index")
+    workers = config.workers or os.cpu_count() or 1
     try:
-        receiver = Receiver(config, spool)
+        receiver = Receiver(config, spool, ConnectionTable(workers))
         receiver.bind()
     except TlsSetupError as exc:
         spool.close()
@@ -64,17 +71,143 @@ async def _main(config: Config, config_path: str | None) -> int:
     except OSError as exc:
         spool.close()
         raise StartupError(f"cannot listen: {exc.strerror} ({exc.errno})") from None
+    if config.user:
+        drop_privileges(config.user, config.spool, config.log.file)
+    if workers == 1:
+        return _serve(receiver, spool, config_path, announce=True)
+    return Supervisor(receiver, spool, config_path, workers).run()
+
+
+def _serve(receiver: Receiver, spool: Spool, config_path: str | None, announce: bool) -> int:
+    """One event loop serving the listeners until SIGTERM, then draining."""
+    spool.start()
     try:
-        if config.user:
-            drop_privileges(config.user, config.spool, config.log.file)
-        await receiver.serve()
-        maillog.event("started", pid=os.getpid(), config=config.file, hostname=config.hostname)
-        await _wait_for_signals(receiver, config_path)
-        await receiver.drain()
+        return _run_loop(_worker(receiver, config_path, announce))
     finally:
         spool.close()
-    maillog.event("stopped", pid=os.getpid())
+        maillog.event("stopped", pid=os.getpid())
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+async def _worker(receiver: Receiver, config_path: str | None, announce: bool) -> int:
+    await receiver.serve()
+    config = receiver.config
+    if announce:
+        maillog.event("started", pid=os.getpid(), config=config.file, hostname=config.hostname)
+    await _wait_for_signals(receiver, config_path)
+    await receiver.drain()
     return 0
+
+
+class Supervisor:
+    """Forks the workers, keeps them running, forwards signals, waits for the end."""
+
+    def __init__(self, receiver: Receiver, spool: Spool, config_path: str | None,
+                 count: int) -> None:
+        self.receiver, self.spool, self.config_path = receiver, spool, config_path
+        self.count = count
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (worker, started at)
+        self.stopping = False
+        self.quick_deaths = 0
+
+    def run(self) -> int:
+        for worker in range(self.count):
+            self._spawn(worker)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        config = self.receiver.config
+        maillog.event("started", pid=os.getpid(), config=config.file, hostname=config.hostname,
+                      workers=self.count)
+        status = 0
+        while self.children:
+            try:
+                pid, wait_status = os.wait()
+            except ChildProcessError:
+                break
+            if self._reap(pid, wait_status):
+                status = 1
+        self.receiver.close_sockets()
+        self.spool.close()
+        maillog.event("stopped", pid=os.getpid())
+        return status
+
+    def _spawn(self, worker: int) -> None:
+        # The worker starts with these signals blocked and unblocks them once its event
+        # loop handles them: a signal in between must wait, not kill it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        pid = os.fork()
+        if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            self.children[pid] = (worker, time.monotonic())
+            return
+        code = 1
+        try:
+            for signum in HANDLED_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            _die_with_parent()
+            self.receiver.connections.worker = worker
+            code = _serve(self.receiver, self.spool, self.config_path, announce=False)
+        except BaseException:
+            maillog.error("worker-failed", worker=worker, detail=traceback.format_exc(limit=8))
+        finally:
+            os._exit(code)
+
+    def _reap(self, pid: int, wait_status: int) -> bool:
+        """Handle one child's exit; True when the service must stop with an error."""
+        entry = self.children.pop(pid, None)
+        if entry is None:
+            return False
+        worker, started = entry
+        self.receiver.connections.clear(worker)
+        if self.stopping:
+            return False
+        maillog.error("worker-died", worker=worker, pid=pid,
+                      status=os.waitstatus_to_exitcode(wait_status))
+        quick = time.monotonic() - started < RESPAWN_WINDOW
+        self.quick_deaths = self.quick_deaths + 1 if quick else 0
+        if self.quick_deaths >= MAX_QUICK_DEATHS:
+            maillog.error("stopping", reason="workers keep dying at start")
+            self._on_stop(signal.SIGTERM, None)
+            return True
+        self._spawn(worker)
+        return False
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        self.receiver.close_sockets()  # so that nothing new is accepted anywhere
+        self._forward(signal.SIGTERM)
+
+    def _on_reload(self, signum: int, frame: object) -> None:
+        try:
+            load(self.config_path)
+        except ConfigError as exc:
+            maillog.error("reload-failed", reason=str(exc), kept="previous configuration")
+            return
+        self._forward(signal.SIGHUP)
+
+    def _forward(self, signum: int) -> None:
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGKILL when the supervisor dies, whatever kills it."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
 
 
 async def _wait_for_signals(receiver: Receiver, config_path: str | None) -> None:
@@ -83,10 +216,11 @@ async def _wait_for_signals(receiver: Receiver, config_path: str | None) -> None
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _reload, receiver, config_path)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # see Supervisor._spawn
     try:
         await stop.wait()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in HANDLED_SIGNALS:
             loop.remove_signal_handler(signum)
     maillog.event("stopping", reason="signal")
 

@@ -169,7 +169,7 @@ def test_sighup_reloads_and_keeps_old_config_when_invalid(make_tayori: MakeTayor
     server.limits = {"max_recipients": 1}
     server.config_path.write_text(server.config_text())
     server.process.send_signal(signal.SIGHUP)
-    wait_for(lambda: " reloaded " in server.log(), what="reload")
+    wait_for(server.reloaded, what="every worker to reload")
     with server.client() as client:
         client.greeting_and_ehlo()
         client.expect_cmd("MAIL FROM:<a@example.net>", 250)

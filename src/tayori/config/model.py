@@ -152,6 +152,9 @@ class Config:
                          "Relative paths are relative to the config file.")
     user: str = setting("", STRING, "After binding the listeners, drop privileges to this "
                         "user (when started as root). Empty: keep running as is.")
+    workers: int = setting(0, INT, "Worker processes sharing the listeners, each with its own "
+                           "event loop; 0 means one per CPU core.",
+                           shown_default="0 (one per core)")
     log: LogConfig = field(default_factory=LogConfig)
     listen: tuple[ListenConfig, ...] = ()
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -161,7 +164,7 @@ class Config:
     match: tuple[MatchConfig, ...] = ()
 
 
-TOP_LEVEL = ("hostname", "spool", "user")
+TOP_LEVEL = ("hostname", "spool", "user", "workers")
 SECTIONS = {"log": LogConfig, "limits": LimitsConfig, "smtp": SmtpConfig}
 
 

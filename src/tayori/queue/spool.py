@@ -76,8 +76,10 @@ CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt);
 RECIPIENT_STATES = ("queued", "inflight", "deferred", "held", "delivered", "bounced", "expired")
 _CROCKFORD = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
 _random = random.Random()  # seeded from os.urandom; ids need uniqueness, not secrecy
+os.register_at_fork(after_in_child=_random.seed)  # each worker its own sequence
 MAX_BATCH = 256
-IO_THREADS = 32
+IO_THREADS = 16
+LOCK_WAIT = 5.0
 SPILL_SIZE = 256 * 1024
 
 
@@ -213,7 +215,14 @@ class Spool:
     # --- lifecycle ------------------------------------------------------------------
 
     def open(self) -> RecoveryReport:
-        """Lock the spool for this process, recover it, start the committer.
+        """:meth:`prepare` then :meth:`start`: the single-process way."""
+        report = self.prepare()
+        self.start()
+        return report
+
+    def prepare(self) -> RecoveryReport:
+        """Lock the spool for this tayori and recover it after a crash. Starts no thread,
+        so worker processes may be forked afterwards (they share the lock).
 
         Raises SpoolBusy when another tayori holds the spool, OSError for disk problems.
         """
@@ -221,11 +230,16 @@ class Spool:
             os.makedirs(path, mode=0o750, exist_ok=True)
         self._lock()
         db = connect(self.index_path)
-        db.executescript(SCHEMA)
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        report = self._recover(db)
-        self._committer = _Committer(db, self.messages)
-        return report
+        try:
+            db.executescript(SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return self._recover(db)
+        finally:
+            db.close()
+
+    def start(self) -> None:
+        """Start accepting commits in this process (its own index connection)."""
+        self._committer = _Committer(connect(self.index_path), self.messages)
 
     def close(self) -> None:
         if self._committer is not None:
@@ -237,14 +251,22 @@ class Spool:
             self._lock_fd = None
 
     def _lock(self) -> None:
+        """Take the spool lock, waiting a moment for a previous tayori's processes to go
+        (a killed supervisor's workers die with it, but not in the same instant)."""
         fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT, 0o640)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise SpoolBusy(f"the spool {self.directory} is in use by another tayori "
-                            f"(pid {holder})") from None
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise SpoolBusy(f"the spool {self.directory} is in use by another tayori "
+                                f"(pid {holder})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd

@@ -21,7 +21,6 @@ import contextlib
 import os
 import socket
 import ssl
-from collections import Counter
 from dataclasses import dataclass
 
 from tayori import maillog
@@ -30,6 +29,7 @@ from tayori.errors import Reply
 from tayori.policy.relay import Rules
 from tayori.queue.spool import Spool
 from tayori.receive import tls
+from tayori.receive.connections import ConnectionTable
 from tayori.receive.session import Session
 from tayori.smtp.server import EXTENSIONS_ALL, Settings
 
@@ -44,16 +44,16 @@ class Listener:
 
 
 class Receiver:
-    def __init__(self, config: Config, spool: Spool) -> None:
+    def __init__(self, config: Config, spool: Spool,
+                 connections: ConnectionTable | None = None) -> None:
         self.spool = spool
         self.config = config
         self.rules = Rules(config)
+        self.connections = connections or ConnectionTable(1)
         self._tls: dict[str, ssl.SSLContext] = {}
         self._sockets: list[tuple[Listener, socket.socket]] = []
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._per_ip: Counter[str] = Counter()
-        self._sessions = 0
         self._load_tls(config)
 
     # --- configuration ------------------------------------------------------------------
@@ -141,25 +141,31 @@ class Receiver:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @property
+    def session_prefix(self) -> str:
+        table = self.connections
+        return "S" if table.workers == 1 else f"S{table.worker}."
+
     def admit(self, session: Session) -> Reply | None:
         limits = self.config.limits
-        if self._sessions >= limits.max_connections:
+        total, from_client = self.connections.counts(session.client_ip)
+        if total >= limits.max_connections:
             return Reply(421, "4.7.0", f"{self.config.hostname} Too many connections, "
                                        "try again later")
-        if self._per_ip[session.client_ip] >= limits.max_connections_per_ip:
+        if from_client >= limits.max_connections_per_ip:
             return Reply(421, "4.7.0", f"{self.config.hostname} Too many connections from "
                                        "your address, try again later")
-        self._sessions += 1
-        self._per_ip[session.client_ip] += 1
+        self.connections.add(session.client_ip, 1)
         return None
 
     def release(self, session: Session, admitted: bool) -> None:
-        if not admitted:
-            return
-        self._sessions -= 1
-        self._per_ip[session.client_ip] -= 1
-        if self._per_ip[session.client_ip] <= 0:
-            del self._per_ip[session.client_ip]
+        if admitted:
+            self.connections.add(session.client_ip, -1)
+
+    def close_sockets(self) -> None:
+        """Stop listening in this process (the supervisor, when it stops)."""
+        for _, sock in self._sockets:
+            sock.close()
 
     async def drain(self) -> None:
         """Stop accepting; give sessions ``drain_timeout``; then close the rest."""

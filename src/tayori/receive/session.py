@@ -67,7 +67,7 @@ class Session(asyncio.Protocol):
         self.receiver = receiver
         self.listener = listener
         self.config = receiver.config
-        self.id = f"S{next(_session_numbers)}"
+        self.id = f"{receiver.session_prefix}{next(_session_numbers)}"
         self.engine = ServerEngine(receiver.engine_settings(listener))
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
