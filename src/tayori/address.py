@@ -48,14 +48,18 @@ class AddressError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Mailbox:
-    """``local@domain`` as the client wrote it, and the domain in matching form."""
+    """``local@domain`` as the client wrote it, and the domain in matching form.
+
+    The one address without a domain is ``<Postmaster>`` (RFC 5321 §4.1.1.3): the
+    postmaster of the receiving host; its ``domain`` and ``ascii_domain`` are empty.
+    """
 
     local: str
     domain: str
     ascii_domain: str
 
     def __str__(self) -> str:
-        return f"{self.local}@{self.domain}"
+        return f"{self.local}@{self.domain}" if self.domain else self.local
 
     @property
     def is_literal(self) -> bool:
@@ -98,8 +102,10 @@ def parse_path(text: str, *, utf8: bool, allow_null: bool) -> Mailbox | None:
         if allow_null:
             return None
         raise AddressError("The null address is not allowed here")
-    if len(inner.encode("utf-8")) > MAX_PATH:
+    if len(inner.encode("utf-8")) + 2 > MAX_PATH:  # the limit counts the brackets
         raise AddressError("Address too long")
+    if not allow_null and inner.lower() == "postmaster":  # RFC 5321 §4.1.1.3, §4.5.1
+        return Mailbox(inner, "", "")
     route = _AT_DOMAIN_LIST.match(inner)
     if route:
         inner = inner[route.end() :]
@@ -142,7 +148,7 @@ def to_ascii_domain(domain: str) -> str:
     """
     if not domain or len(domain.encode("utf-8")) > MAX_DOMAIN:
         raise AddressError("Domain missing or too long")
-    labels = domain.rstrip(".").split(".") if domain.endswith(".") else domain.split(".")
+    labels = domain.split(".")
     out: list[str] = []
     for label in labels:
         if label.isascii():
@@ -174,6 +180,8 @@ def check_address_literal(literal: str) -> str:
     body = literal[1:-1]
     try:
         if body[:5].lower() == "ipv6:":
+            if "%" in body:
+                raise ValueError("no zone identifier in an address literal")
             return f"[IPv6:{ipaddress.IPv6Address(body[5:]).compressed}]"
         if ":" not in body:
             return f"[{ipaddress.IPv4Address(body)}]"

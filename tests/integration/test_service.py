@@ -39,9 +39,12 @@ def test_connections_per_ip_limit(make_tayori: MakeTayori) -> None:
             assert (reply.code, reply.status) == (421, "4.7.0")
             assert third.closed()
         first.close()
-        wait_for(lambda: "disconnect session=S1" in server.log(), what="S1 to end")
-        with server.client() as fourth:
-            fourth.expect(220)
+
+        def admitted() -> bool:
+            with server.client() as fourth:
+                return fourth.reply().code == 220
+
+        wait_for(admitted, what="a place to free up after the first session ended")
     finally:
         first.close()
         second.close()

@@ -38,7 +38,8 @@ from tayori.config.schema import (
 
 def _parse_endpoint(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 \
+            or not host:
         raise BadValue(f"{text!r} is not host:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -94,8 +94,8 @@ def _size(value: Any) -> int:
 
 def _duration(value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise BadValue(f"{value} is negative")
+        if not 0 <= value < float("inf"):
+            raise BadValue(f"{value} is not a duration")
         return float(value)
     match = _DURATION.match(_string(value).strip())
     if not match:

@@ -132,6 +132,7 @@ class Draft:
     final_path: str
     size: int = 0
     error: OSError | None = None
+    _linked: bool = False
     _memory: bytearray = field(default_factory=bytearray, repr=False)
     _file: io.BufferedWriter[io.FileIO] | None = field(default=None, repr=False)
 
@@ -173,7 +174,10 @@ class Draft:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-        os.rename(self.path, self.final_path)
+        # link, not rename: an existing message with the same id must never be replaced
+        os.link(self.path, self.final_path)
+        self._linked = True
+        os.unlink(self.path)
 
     def discard(self) -> None:
         """Forget the message: close and remove whatever was written."""
@@ -181,7 +185,7 @@ class Draft:
             with contextlib.suppress(OSError):
                 self._file.close()
         self._memory = bytearray()
-        for path in (self.path, self.final_path):
+        for path in (self.path, self.final_path) if self._linked else (self.path,):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_SIGNATURE = b"PROXY "
+V2_OTHER_FAMILIES = frozenset({0x00, 0x12, 0x22, 0x31, 0x32})  # UNSPEC, UDP4/6, UNIX
 V1_MAX = 107
 
 
@@ -43,7 +44,7 @@ def parse(data: bytes) -> ProxyHeader | None:
 
 
 def _parse_v1(data: bytes) -> ProxyHeader | None:
-    end = data.find(b"\r\n")
+    end = data.find(b"\r\n", 0, V1_MAX)
     if end < 0:
         if len(data) >= V1_MAX:
             raise ProxyError("PROXY v1 header too long")
@@ -56,6 +57,8 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
     try:
         version = 4 if words[1] == "TCP4" else 6
         source, destination = ipaddress.ip_address(words[2]), ipaddress.ip_address(words[3])
+        if not all(p.isascii() and p.isdigit() and len(p) <= 5 for p in words[4:6]):
+            raise ValueError("ports are decimal numbers")
         ports = int(words[4]), int(words[5])
     except ValueError:
         raise ProxyError("malformed PROXY v1 addresses") from None
@@ -85,7 +88,7 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     elif family == 0x21 and length >= 36:
         source, destination = ipaddress.IPv6Address(body[0:16]), ipaddress.IPv6Address(body[16:32])
         ports = struct.unpack("!HH", body[32:36])
-    elif family == 0x00:
+    elif family in V2_OTHER_FAMILIES:  # valid but not TCP: treated as UNSPEC (spec §2.2)
         return ProxyHeader(None, None, total)
     else:
         raise ProxyError("unsupported PROXY v2 address family")

@@ -261,7 +261,8 @@ class Session(asyncio.Protocol):
 
     async def _on_rcpt(self, event: RcptTo) -> None:
         recipient = event.recipient
-        action = self.receiver.rules.route(self.client_ip, False, recipient.ascii_domain)
+        domain = recipient.ascii_domain or self.config.hostname  # <Postmaster>: this host
+        action = self.receiver.rules.route(self.client_ip, False, domain)
         if action is None:
             self._refused("RCPT", RELAY_DENIED, recipient=str(recipient))
             self.engine.reply(RELAY_DENIED)

@@ -22,7 +22,7 @@ from tayori.receive.tls import TlsInfo
 
 MAX_HEADER_SCAN = 256 * 1024
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
-_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(.*(?:\r\n[ \t].*)*)",
+_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)",
                          re.IGNORECASE | re.MULTILINE)
 
 

@@ -126,7 +126,7 @@ def _refuse_unoffered(params: dict[str, str | None], offered: frozenset[str],
 
 
 def _size(value: str | None, max_size: int) -> int:
-    if not value or not value.isdigit() or len(value) > 20:
+    if not value or not (value.isascii() and value.isdigit()) or len(value) > 20:
         raise ParamError(Reply(501, "5.5.4", "SIZE must be a decimal number"))
     size = int(value)
     if max_size and size > max_size:

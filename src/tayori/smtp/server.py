@@ -551,7 +551,8 @@ class ServerEngine:
 
     def _do_bdat(self, argument: str) -> None:
         words = argument.split()
-        if not 1 <= len(words) <= 2 or not words[0].isdigit() or len(words[0]) > 18 \
+        size = words[0] if words else ""
+        if not 1 <= len(words) <= 2 or not (size.isascii() and size.isdigit()) or len(size) > 18 \
                 or (len(words) == 2 and words[1].upper() != "LAST"):
             # The chunk size is unknown, so its data cannot be skipped: end the session.
             self._events.append(Refused("BDAT", Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")))
