@@ -28,10 +28,10 @@ Figures:
   parent (Postfix's master reaps its daemons), so its CPU is in the parent's
   cutime/cstime; a live process's cutime holds only reaped children: nothing is counted
   twice, nothing that ran is missed. The load generator is not counted.
-- memory with 20 concurrent 10 MB messages: tayori's RSS (VmRSS polled every 5 ms; and
-  VmHWM) minus its idle RSS after a warm-up; for Postfix, the sum of PSS
-  (/proc/PID/smaps_rollup) over all its processes, polled the same way, minus the idle
-  sum: PSS shares each shared page among the processes that map it, so a sum of PSS is
+- memory with 20 concurrent 10 MB messages: for both MTAs, the sum of PSS
+  (/proc/PID/smaps_rollup) over all their processes (tayori's supervisor and workers,
+  polled every 5 ms; Postfix's, every 20 ms), peak minus the idle sum after a warm-up:
+  PSS shares each shared page among the processes that map it, so a sum of PSS is
   the memory the MTA uses, where a sum of RSS would count shared libraries many times.
 
 Run as root (Postfix needs it) on an idle machine: ``python3 bench/accept.py``. The table
@@ -213,7 +213,7 @@ class TayoriTarget:
         """Nothing runs after the 250: no delivery yet."""
 
     def memory_kib(self) -> int:
-        return status_kib(self.root_pid(), "VmRSS")
+        return tree_pss_kib(self.root_pid())  # supervisor + workers, like Postfix's tree
 
 
 @dataclass
@@ -330,7 +330,7 @@ def measure_accept(target: Target, count: int, size: int, sessions: int,
 class Memory:
     idle_kib: int
     peak_kib: int
-    hwm_kib: int | None  # VmHWM (tayori only: one process)
+    hwm_kib: int | None  # tayori only: VmHWM summed over its processes
 
     @property
     def growth_mib(self) -> float:
@@ -347,7 +347,8 @@ def measure_memory(target: Target, size: int, count: int) -> Memory:
         with Poller(target.memory_kib, interval) as poller:
             done, _ = smtp_source(target.port, count, size, count)
         assert done == count
-        hwm = status_kib(target.root_pid(), "VmHWM") if target.name == "tayori" else None
+        hwm = sum(status_kib(pid, "VmHWM") for pid in process_tree(target.root_pid())) \
+            if target.name == "tayori" else None
         return Memory(idle, max(poller.peak, idle), hwm)
     finally:
         target.stop()
@@ -442,8 +443,8 @@ def run(args: argparse.Namespace) -> str:
         "|" + "---|" * len(head),
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
-        f"tayori idle RSS {tayori_memory.idle_kib / 1024:.1f} MiB, peak VmRSS "
-        f"{tayori_memory.peak_kib / 1024:.1f} MiB, VmHWM "
+        f"tayori (supervisor and workers) idle PSS {tayori_memory.idle_kib / 1024:.1f} MiB, "
+        f"peak PSS {tayori_memory.peak_kib / 1024:.1f} MiB, VmHWM summed "
         f"{(tayori_memory.hwm_kib or 0) / 1024:.1f} MiB.",
         "",
         "Every run, per MTA: " + "; ".join(

@@ -63,6 +63,7 @@ def configure(level: str, fmt: str, file: str) -> None:
     root.addHandler(handler)
     root.setLevel(_LEVELS[level])
     root.propagate = False
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
 
 
 def event(name: str, level: int = logging.INFO, /, **fields: Any) -> None:

@@ -85,6 +85,10 @@ class Session(asyncio.Protocol):
         self._headers: HeaderScanner | None = None
         self._queue_id: str | None = None
         self._messages = 0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._waiting = False
+        self._timed_out = False
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -138,6 +142,8 @@ class Session(asyncio.Protocol):
         self._discard_draft()
         self.receiver.release(self, self._admitted)
         self._admitted = False
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         if self.transport is not None:
             self.transport.close()
         maillog.event("disconnect", session=self.id, messages=self._messages)
@@ -180,16 +186,41 @@ class Session(asyncio.Protocol):
         data_phase = self.engine.mode in (Mode.DATA, Mode.BDAT)
         timeout = limits.data_timeout if data_phase else limits.command_timeout
         self._readable.clear()
+        self._arm_idle_timer(timeout)
+        self._waiting = True
         try:
-            async with asyncio.timeout(timeout):
-                await self._readable.wait()
-        except TimeoutError:
+            await self._readable.wait()
+        finally:
+            self._waiting = False
+        if self._timed_out:
             maillog.event("timeout", session=self.id, phase="data" if data_phase else "command")
             self.engine.close(Reply(421, "4.4.2", f"{self.config.hostname} Timeout exceeded, "
                                                   "closing connection"))
             self._flush()
             return False
         return True
+
+    def _arm_idle_timer(self, timeout: float) -> None:
+        """One timer per session, moved only when it would fire too early: cheaper than
+        a new timeout for every read (a message takes a dozen reads)."""
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + timeout
+        timer = self._idle_timer
+        if timer is None or timer.when() > self._deadline:
+            if timer is not None:
+                timer.cancel()
+            self._idle_timer = loop.call_at(self._deadline, self._on_idle_timer)
+
+    def _on_idle_timer(self) -> None:
+        self._idle_timer = None
+        if not self._waiting:
+            return  # busy with the client's last input; the next wait arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._deadline:
+            self._timed_out = True
+            self._readable.set()
+        else:
+            self._idle_timer = loop.call_at(self._deadline, self._on_idle_timer)
 
     async def _read_proxy_header(self) -> bool:
         buffer = self._proxy_buffer
@@ -227,11 +258,13 @@ class Session(asyncio.Protocol):
     async def _close(self) -> None:
         self.receiver.release(self, self._admitted)
         self._admitted = False
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         transport = self.transport
         if transport is None or transport.is_closing():
             maillog.event("disconnect", session=self.id, messages=self._messages)
             return
-        if not self._lost and not self._eof and transport.can_write_eof():
+        if not (self._lost or self._eof or self.engine.quit) and transport.can_write_eof():
             # Let the client read our last reply before the socket goes: half-close, then
             # discard what it still sends, for a moment (a reset could destroy the reply).
             with contextlib.suppress(OSError, RuntimeError):

@@ -180,6 +180,7 @@ class ServerEngine:
         self.transaction: Transaction | None = None
         self.mode = Mode.COMMAND
         self.closed = False
+        self.quit = False  # the client said QUIT: a normal end
         self._buffer = bytearray()
         self._out: list[bytes] = []
         self._events: deque[Event] = deque()
@@ -627,6 +628,7 @@ class ServerEngine:
         self._send(OK)
 
     def _do_quit(self, argument: str) -> None:
+        self.quit = True
         self.close(BYE)
 
     def _do_help(self, argument: str) -> None:
