@@ -427,7 +427,7 @@ def run(args: argparse.Namespace) -> str:
                          *(ratio(values[0], v) for v in values[1:])])
     growth = [memory[n].growth_mib for n in names]
     rows.append([f"{args.big_count} × {args.big_size} MB at once: memory growth MiB "
-                 "(tayori RSS; Postfix sum of PSS)", *(fmt(g, 1) for g in growth),
+                 "(sum of PSS over the MTA's processes)", *(fmt(g, 1) for g in growth),
                  *(ratio(growth[0], g) for g in growth[1:])])
     tayori_memory = memory["tayori"]
     lines = [

@@ -4,16 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tayori.config.model import (
-    ActionConfig,
-    Config,
-    LimitsConfig,
-    ListenConfig,
-    LogConfig,
-    MatchConfig,
-    SmtpConfig,
-)
-from tayori.config.reference import markdown
+from tayori.config.reference import SECTIONS, markdown
 from tayori.config.schema import describe
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -25,8 +16,7 @@ def test_configuration_reference_is_current() -> None:
 
 
 def test_every_setting_has_a_meaning() -> None:
-    for cls in (Config, LogConfig, ListenConfig, LimitsConfig, SmtpConfig, ActionConfig,
-                MatchConfig):
+    for _title, _text, cls in SECTIONS:
         for key, kind, _default, doc in describe(cls):
             assert doc.strip() and kind, f"{cls.__name__}.{key} is undocumented"
 
