@@ -1,0 +1,1 @@
+"""Policy: decisions per SMTP phase (today: relay control at RCPT, :mod:`.relay`)."""

@@ -1,0 +1,1 @@
+"""Receiving mail: listeners, sessions, TLS, PROXY protocol, trace headers."""
