@@ -236,7 +236,7 @@ class ServerEngine:
 
     def tls_started(self) -> None:
         """The transport is now TLS: back to the initial state (RFC 3207 §4.2)."""
-        self.settings = _replace_tls(self.settings)
+        self.settings = replace(self.settings, tls_active=True)
         self.helo, self.extended, self.transaction = None, False, None
         self._buffer.clear()
         self.mode = Mode.COMMAND
@@ -656,10 +656,6 @@ class ServerEngine:
         else:
             self._buffer.clear()  # pipelined plaintext after STARTTLS is never obeyed
             self._raise(StartTls())
-
-
-def _replace_tls(settings: Settings) -> Settings:
-    return replace(settings, tls_active=True)
 
 
 def _content_error(state: ContentState) -> Reply | None:
