@@ -131,7 +131,7 @@ def _queue_show(args: argparse.Namespace) -> int:
                          f" ORCPT={rcpt.orcpt}" if rcpt.orcpt else ""])
         print(f"  {rcpt.address}  state={rcpt.state} action={rcpt.action}{extra}")
     print("Headers:")
-    path = os.path.join(config.spool, "messages", env.queue_id)
+    path = os.path.join(config.spool, "messages", env.queue_id)  # see queue/spool.py
     try:
         with open(path, "rb") as handle:
             head = handle.read(64 * 1024)

@@ -1,11 +1,11 @@
-"""SMTP replies as values, and the one error type that carries one.
+"""SMTP replies as values.
 
 Takes: nothing; every stage imports it.
 Promises: a :class:`Reply` renders to exactly the bytes that go on the wire (code,
-RFC 3463 enhanced status, public text; multi-line with ``-`` continuation). A
-:class:`SmtpError` is temporary by default (``451 4.3.0``): a stage that fails for a
-reason it did not foresee must never turn into a permanent rejection, and the text of an
-exception never reaches the client (DESIGN §2.4).
+RFC 3463 enhanced status, public text; multi-line with ``-`` continuation).
+:data:`INTERNAL_ERROR` is the answer to anything unforeseen: temporary (``451 4.3.0``),
+so it never turns into a permanent rejection, and never the text of an exception
+(DESIGN §2.4).
 Standards: RFC 5321 §4.2 (reply syntax), RFC 3463 and RFC 2034 (enhanced status codes).
 """
 
@@ -53,21 +53,6 @@ class Reply:
 
     def __str__(self) -> str:
         return " | ".join(f"{self.code} {line}" for line in self.lines())
-
-
-class SmtpError(Exception):
-    """A failure with SMTP meaning. The ``reply`` is what the client is told."""
-
-    def __init__(self, reply: Reply, cause: str = "") -> None:
-        super().__init__(cause or str(reply))
-        self.reply = reply
-        self.cause = cause
-
-
-def temporary(text: str = "Local error in processing, try again later",
-              status: str = "4.3.0", code: int = 451) -> SmtpError:
-    """The default failure: temporary, so nothing is lost by it."""
-    return SmtpError(Reply(code, status, text))
 
 
 INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")

@@ -96,8 +96,6 @@ def test_utf8_helo_is_kept() -> None:
         ((False, True, False), "SMTP"),
         ((True, False, True), "UTF8SMTP"),
         ((True, True, True), "UTF8SMTPS"),
-        ((True, False, False, True), "LMTP"),
-        ((True, True, False, True), "LMTPS"),
     ],
 )
 def test_protocol_name(args: tuple[bool, ...], name: str) -> None:

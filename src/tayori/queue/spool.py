@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import fcntl
 import io
-import json
 import os
 import queue
 import random
@@ -38,7 +37,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -65,6 +64,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     orcpt TEXT,
     notify TEXT,
     action TEXT NOT NULL,
+    -- queued | inflight | deferred | held | delivered | bounced | expired (DESIGN §2.2)
     state TEXT NOT NULL DEFAULT 'queued',
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,
@@ -73,7 +73,6 @@ CREATE TABLE IF NOT EXISTS recipients (
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt);
 """
-RECIPIENT_STATES = ("queued", "inflight", "deferred", "held", "delivered", "bounced", "expired")
 _CROCKFORD = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: ids never spell words
 _random = random.Random()  # seeded from os.urandom; ids need uniqueness, not secrecy
 os.register_at_fork(after_in_child=_random.seed)  # each worker its own sequence
@@ -281,11 +280,11 @@ class Spool:
             os.unlink(os.path.join(self.incoming, name))
             removed_incoming += 1
         on_disk = set(os.listdir(self.messages))
-        indexed = {row[0] for row in db.execute("SELECT id FROM messages")}
-        orphans = on_disk - indexed
+        states = dict(db.execute("SELECT id, state FROM messages").fetchall())
+        orphans = on_disk - states.keys()
         for name in orphans:
             os.unlink(os.path.join(self.messages, name))
-        missing = tuple(sorted(q for q in indexed - on_disk if not self._is_corrupt(db, q)))
+        missing = tuple(sorted(q for q in states.keys() - on_disk if states[q] != "corrupt"))
         with db:
             db.executemany("UPDATE messages SET state = 'corrupt' WHERE id = ?",
                            [(q,) for q in missing])
@@ -294,11 +293,6 @@ class Spool:
         if orphans or removed_incoming:
             _fsync_dir(self.messages)
         return RecoveryReport(removed_incoming, len(orphans), missing, requeued)
-
-    @staticmethod
-    def _is_corrupt(db: sqlite3.Connection, queue_id: str) -> bool:
-        row = db.execute("SELECT state FROM messages WHERE id = ?", (queue_id,)).fetchone()
-        return bool(row and row[0] == "corrupt")
 
     # --- receiving ------------------------------------------------------------------
 
@@ -327,10 +321,6 @@ class Spool:
         committer.submit(_Commit(draft, envelope, future, loop))
         await future
 
-    # --- reading (queue tools) --------------------------------------------------------
-
-    def body_path(self, queue_id: str) -> str:
-        return os.path.join(self.messages, queue_id)
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -467,7 +457,3 @@ def read_envelopes(spool_dir: str, queue_id: str | None = None) -> Iterator[Enve
                 message_id=row["message_id"], state=row["state"])
     finally:
         db.close()
-
-
-def envelope_json(env: Envelope) -> str:
-    return json.dumps(asdict(env), ensure_ascii=False)

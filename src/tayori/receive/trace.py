@@ -26,14 +26,9 @@ _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]
                          re.IGNORECASE | re.MULTILINE)
 
 
-def protocol_name(extended: bool, tls: bool, utf8: bool, lmtp: bool = False) -> str:
-    """The ``with`` keyword: SMTP, ESMTP, ESMTPS, UTF8SMTPS, LMTP... (RFC 3848, 6531)."""
-    if lmtp:
-        base = "LMTP"
-    elif utf8:
-        base = "UTF8SMTP"
-    else:
-        base = "ESMTP" if extended else "SMTP"
+def protocol_name(extended: bool, tls: bool, utf8: bool) -> str:
+    """The ``with`` keyword: SMTP, ESMTP, ESMTPS, UTF8SMTPS... (RFC 3848, 6531)."""
+    base = "UTF8SMTP" if utf8 else "ESMTP" if extended else "SMTP"
     return base + ("S" if tls and (extended or utf8) else "")
 
 

@@ -19,8 +19,7 @@ discarded (RFC 3207 §4.2, the command-injection defence). A bare CR or LF anywh
 the session with 521 (as Postfix's smtpd_forbid_bare_newline), so no SMTP smuggling.
 Failure policy: no exception escapes for bad input; :attr:`closed` tells the transport
 to close once :meth:`data_to_send` is written.
-Standards: RFC 5321, RFC 1869/1870/2034/2920/3030/3207/3461/6152/6531, RFC 2033 (LMTP
-greeting word and per-recipient replies are the application's, via ``lmtp``).
+Standards: RFC 5321, RFC 1869/1870/2034/2920/3030/3207/3461/6152/6531.
 """
 
 from __future__ import annotations
@@ -65,7 +64,6 @@ class Settings:
     max_unknown_commands: int = 3
     tls_available: bool = False
     tls_active: bool = False
-    lmtp: bool = False
     extensions: tuple[str, ...] = EXTENSIONS_ALL
 
 
@@ -197,8 +195,7 @@ class ServerEngine:
     # --- the application's side -------------------------------------------------------
 
     def greet(self, reply: Reply | None = None) -> None:
-        word = "LMTP" if self.settings.lmtp else "ESMTP"
-        self._send(reply or Reply(220, None, f"{self.settings.hostname} {word} tayori"))
+        self._send(reply or Reply(220, None, f"{self.settings.hostname} ESMTP tayori"))
         if reply is not None and not reply.is_positive:
             self.close()
 
@@ -428,9 +425,6 @@ class ServerEngine:
 
     def _do_hello(self, argument: str, extended: bool) -> None:
         verb = "EHLO" if extended else "HELO"
-        if self.settings.lmtp and verb == "HELO":
-            self._refuse(verb, Reply(500, "5.5.1", "This is LMTP: use LHLO"))
-            return
         name = argument.strip()
         if not name or " " in name:
             self._refuse(verb, Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
@@ -438,15 +432,6 @@ class ServerEngine:
         self._raise(Hello(name, extended))
 
     def _do_ehlo(self, argument: str) -> None:
-        if self.settings.lmtp:
-            self._refuse("EHLO", Reply(500, "5.5.1", "This is LMTP: use LHLO"))
-            return
-        self._do_hello(argument, True)
-
-    def _do_lhlo(self, argument: str) -> None:
-        if not self.settings.lmtp:
-            self._unknown_command("LHLO", argument)
-            return
         self._do_hello(argument, True)
 
     def _do_helo(self, argument: str) -> None:
@@ -684,7 +669,6 @@ def _address_reply(exc: AddressError, *, sender: bool, empty: bool) -> Reply:
 _HANDLERS = {
     "EHLO": ServerEngine._do_ehlo,
     "HELO": ServerEngine._do_helo,
-    "LHLO": ServerEngine._do_lhlo,
     "MAIL": ServerEngine._do_mail,
     "RCPT": ServerEngine._do_rcpt,
     "DATA": ServerEngine._do_data,
