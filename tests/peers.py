@@ -180,6 +180,10 @@ class PostfixInstance:
         for name in ("main.cf", "dynamicmaps.cf"):
             if (POSTFIX_ETC / name).exists():
                 shutil.copy(POSTFIX_ETC / name, self.config_dir / name)
+        # Debian's "No configuration" install has no main.cf at all; postconf -e needs one,
+        # and without compatibility_level smtpd refuses to start (no relay restrictions).
+        if not (self.config_dir / "main.cf").exists():
+            (self.config_dir / "main.cf").write_text("compatibility_level = 3.6\n")
         if (POSTFIX_ETC / "dynamicmaps.cf.d").is_dir():
             shutil.copytree(POSTFIX_ETC / "dynamicmaps.cf.d",
                             self.config_dir / "dynamicmaps.cf.d", dirs_exist_ok=True)
