@@ -1,10 +1,15 @@
-"""Real peers for tests and benchmarks: a private Postfix instance, and smtp-sink.
+"""Real peers for tests and benchmarks: Postfix, smtp-sink, Dovecot LMTP, unbound.
 
 ``PostfixInstance`` runs a whole Postfix (master, smtpd, cleanup, qmgr, smtp...) from
 the Debian package with its own configuration directory, queue and log under a fresh
 temporary directory. It listens only on the 127.0.0.1 port it is given, resolves
 nothing (``smtp_dns_support_level = disabled``) and, given a ``relayhost``, sends
 everything it accepts there. ``SmtpSink`` runs Postfix's ``smtp-sink`` test server.
+``DovecotLmtp`` is a private Dovecot delivering over LMTP (TCP and a unix socket) into
+Maildirs with quotas; ``Unbound`` a DNS server answering only for the test's own zones.
+Each has its own directory from :func:`tempfile.mkdtemp` and a log file, and its class
+docstring lists what was learnt making it work. (The scriptable SMTP/LMTP peer lives in
+the package: :mod:`tayori.testing.peer`.)
 
 What was found to work here (Postfix 3.7, Debian 12, as root):
 
@@ -375,13 +380,7 @@ class SmtpSink:
 
     def stop(self) -> None:
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(15)
+            stop_process(self.process)
             self.process = None
         if self.output is not None:
             self.final_output = self.text()
@@ -406,3 +405,394 @@ def postfix_relay(port: int, settings: dict[str, str] | None = None,
     finally:
         instance.stop()
 
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15) -> int:
+    """SIGTERM, then SIGKILL if the process lingers; its exit status."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait(timeout)
+
+
+def tail(path: Path, size: int = 3000) -> str:
+    """The end of a log file ("" when it does not exist)."""
+    try:
+        return path.read_text(errors="replace")[-size:]
+    except OSError:
+        return ""
+
+
+def unix_listening(path: Path) -> bool:
+    """True when something accepts connections on the unix socket ``path``."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(1)
+            sock.connect(str(path))
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class DovecotLmtp:
+    """A private Dovecot LMTP server: ``with DovecotLmtp() as lmtp: lmtp.address``.
+
+    It listens on 127.0.0.1:``port`` (0: a free one) and on the unix socket
+    :attr:`socket_path`, and delivers to Maildirs under ``<root>/mail/<domain>/<user>``
+    (:meth:`messages`). ``users`` maps each address to its quota (a Dovecot
+    ``quota_rule`` storage value such as ``"1K"``; None: ``default_quota``); the default
+    users are u1..u3@lmtp.test, u3 with a 1 KiB quota. Unknown users get ``550 5.1.1``.
+    Mail is stored as the ``mail`` system user. ``quota_tempfail`` turns the over-quota
+    reply temporary; ``settings`` are extra top-level dovecot.conf lines (``key = value``).
+
+    What was found to work here (Dovecot 2.3.19, Debian 12, as root, no systemd/syslog):
+
+    - ``dovecot -F -c CONF`` runs the master in the foreground (a child process the
+      fixture can stop with SIGTERM, which stops all of Dovecot's processes); ``-c``
+      reads only that file, nothing from /etc/dovecot. ``base_dir`` (sockets, pid file),
+      ``state_dir`` and ``log_path`` all point into the instance's directory, so
+      several instances run side by side; there is no syslog, so ``log_path`` is a file.
+      The directory is made with :func:`tempfile.mkdtemp` and opened to mode 0755:
+      Dovecot's unprivileged processes (``dovecot``, ``dovenull``, ``mail``) must reach it.
+    - The users have a static uid/gid (``mail``, 8), below Dovecot's default
+      ``first_valid_uid`` (500): it is lowered, or every RCPT gets ``451 4.3.0 Temporary
+      internal error`` ("Mail access for users with UID 8 not permitted" in the log).
+    - The ``auth`` service wants a passdb besides the userdb even though LMTP only looks
+      users up ("No passdbs specified ... PLAIN mechanism needs one", and again 451 4.3.0
+      to every RCPT): the same passwd-file serves as both.
+    - ``ssl = no``: the built-in default logs "Can't load SSL certificate" on every
+      connection (it still works, with SSL disabled).
+    - The over-quota reply comes after the data, per recipient, while the others in the
+      same transaction are delivered: ``552 5.2.2 <u3@lmtp.test> Quota exceeded (mailbox
+      for user is full)``; with ``quota_full_tempfail = yes`` it is ``452 4.2.2``. RCPT
+      is accepted (``lmtp_rcpt_check_quota`` is off by default).
+    - A per-user quota is the ``userdb_quota_rule`` extra field of the passwd-file line.
+    - The stored file is not the bytes sent: Dovecot prepends ``Return-Path``,
+      ``Delivered-To`` and ``Received`` headers and stores LF line ends
+      (``mail_save_crlf = no``); :meth:`messages` returns the files as stored.
+    """
+
+    port: int = 0
+    users: dict[str, str | None] = field(default_factory=lambda: {
+        "u1@lmtp.test": None, "u2@lmtp.test": None, "u3@lmtp.test": "1K"})
+    default_quota: str = "10M"
+    quota_tempfail: bool = False
+    settings: dict[str, str] = field(default_factory=dict)
+    hostname: str = "lmtp.test"
+    keep: bool = False
+    root: Path = field(init=False)
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        which_peer("dovecot")
+        if not Path("/usr/lib/dovecot/lmtp").exists():
+            import pytest
+
+            pytest.skip("dovecot-lmtpd is not installed (scripts/install-peers installs it)")
+        self.root = Path(tempfile.mkdtemp(prefix="tayori-dovecot-"))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.port
+
+    @property
+    def socket_path(self) -> Path:
+        return self.root / "lmtp.sock"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "dovecot.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "dovecot.log"
+
+    def maildir(self, user: str) -> Path:
+        local, _, domain = user.partition("@")
+        return self.root / "mail" / domain / local
+
+    def config_text(self) -> str:
+        root = self.root
+        settings = {
+            "base_dir": str(root / "run"),
+            "state_dir": str(root / "state"),
+            "instance_name": f"tayori-{root.name}",
+            "log_path": str(self.log_path),
+            "protocols": "lmtp",
+            "listen": "127.0.0.1",
+            "hostname": self.hostname,
+            "ssl": "no",
+            "default_internal_user": "dovecot",
+            "default_login_user": "dovenull",
+            "first_valid_uid": "1",
+            "mail_location": f"maildir:{root}/mail/%d/%n",
+            "mail_plugins": "quota",
+            "quota_full_tempfail": "yes" if self.quota_tempfail else "no",
+            **self.settings,
+        }
+        lines = [f"{key} = {value}" for key, value in settings.items()]
+        users = root / "users"
+        return "\n".join(lines) + f"""
+passdb {{
+  driver = passwd-file
+  args = {users}
+}}
+userdb {{
+  driver = passwd-file
+  args = {users}
+}}
+plugin {{
+  quota = maildir:User quota
+  quota_rule = *:storage={self.default_quota}
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {self.port}
+  }}
+  unix_listener {self.socket_path} {{
+    mode = 0666
+  }}
+}}
+"""
+
+    def users_text(self) -> str:
+        mail = pwd.getpwnam("mail")
+        lines = []
+        for user, quota in self.users.items():
+            extra = f"userdb_quota_rule=*:storage={quota}" if quota else ""
+            home = self.root / "home" / user
+            lines.append(f"{user}:{{PLAIN}}secret:{mail.pw_uid}:{mail.pw_gid}::{home}::{extra}")
+        return "\n".join(lines) + "\n"
+
+    def configure(self) -> None:
+        mail = pwd.getpwnam("mail")
+        self.root.chmod(0o755)
+        for name in ("mail", "home"):
+            (self.root / name).mkdir(exist_ok=True)
+            os.chown(self.root / name, mail.pw_uid, mail.pw_gid)
+        if not self.port:
+            self.port = free_port()
+        (self.root / "users").write_text(self.users_text())
+        self.config_path.write_text(self.config_text())
+
+    def start(self) -> DovecotLmtp:
+        self.configure()
+        with open(self.root / "stderr.log", "ab") as stderr:
+            self.process = subprocess.Popen(
+                [which_peer("dovecot"), "-F", "-c", str(self.config_path)],
+                stdout=stderr, stderr=subprocess.STDOUT)
+        self.wait_for(self._up, what=f"dovecot to listen on {self.port} and {self.socket_path}")
+        return self
+
+    def _up(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"dovecot exited {self.process.returncode}")
+        return listening("127.0.0.1", self.port) and unix_listening(self.socket_path)
+
+    def wait_for(self, condition: Callable[[], object], timeout: float = TIMEOUT,
+                 what: str = "condition") -> object:
+        """harness.wait_for, with the tail of Dovecot's logs in the failure."""
+        try:
+            return wait_for(condition, timeout=timeout, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; dovecot log:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return tail(self.root / "stderr.log") + tail(self.log_path)
+
+    def stop(self) -> None:
+        """Stop Dovecot (SIGTERM to the master stops them all) and remove its directory
+        unless ``keep``."""
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> DovecotLmtp:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def messages(self, user: str) -> list[bytes]:
+        """The messages delivered to ``user``'s INBOX, oldest first, as stored."""
+        maildir = self.maildir(user)
+        files = [path for sub in ("new", "cur") if (maildir / sub).is_dir()
+                 for path in (maildir / sub).iterdir() if path.is_file()]
+        files.sort(key=lambda path: (path.stat().st_mtime_ns, path.name))
+        return [path.read_bytes() for path in files]
+
+
+RecordValue = str | tuple[int, str]
+
+
+@dataclass
+class Unbound:
+    """A real DNS server (unbound from Debian) answering for a few test zones only.
+
+    ``records`` maps owner names to record types to values::
+
+        Unbound({"example.test": {"MX": [(10, "mx1.example.test")]},
+                 "mx1.example.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]}})
+
+    MX values are ``(preference, host)``; TXT values are the text (quoted and split into
+    255-octet strings here); CNAME/NS/PTR targets are names; anything else is the rdata
+    in zone-file syntax. ``zones`` are the ``static`` local zones (default: the last two
+    labels of each owner name): a name inside them that has no data is NXDOMAIN (or
+    NODATA), and every name outside them is REFUSED (``local-zone: "." refuse``), so
+    unbound never recurses and never sends a query anywhere; except that unbound's
+    built-in special-use zones still answer as they do by default (``localhost`` is
+    127.0.0.1, any other name under ``test.``/``invalid.``/``onion.`` is NXDOMAIN, a
+    realistic "no such domain"). UDP and TCP on
+    127.0.0.1:``port`` (0: a free one). :attr:`nameserver` is the ``HOST:PORT`` string
+    for tayori's ``dns.nameservers``.
+
+    What was found to work here (unbound 1.17, Debian 12, as root, no systemd/syslog):
+
+    - ``unbound -d -c CONF`` stays in the foreground; ``logfile`` takes the log once the
+      config is read (the first lines still go to stderr). ``username: ""`` and
+      ``chroot: ""`` keep it from dropping to the ``unbound`` user or chrooting into
+      /etc/unbound, where it could not read the instance's files.
+    - ``module-config: "iterator"`` leaves the validator out, so no trust anchor file
+      (Debian's /var/lib/unbound/root.key) is needed; ``remote-control`` is off, so no
+      control keys either. Nothing from /etc/unbound is read.
+    - Debian's unbound package starts no daemon when policy-rc.d says no and systemd is
+      absent; scripts/install-peers checks that none is left running.
+    """
+
+    records: dict[str, dict[str, list[RecordValue]]] = field(default_factory=dict)
+    zones: list[str] | None = None
+    port: int = 0
+    ttl: int = 300
+    keep: bool = False
+    root: Path = field(init=False)
+    process: subprocess.Popen[bytes] | None = None
+    final_log: str = ""
+
+    def __post_init__(self) -> None:
+        which_peer("unbound")
+        self.root = Path(tempfile.mkdtemp(prefix="tayori-unbound-"))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.port
+
+    @property
+    def nameserver(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "unbound.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "unbound.log"
+
+    def zone_names(self) -> list[str]:
+        if self.zones is not None:
+            return [zone.rstrip(".").lower() for zone in self.zones]
+        return sorted({".".join(name.rstrip(".").lower().split(".")[-2:])
+                       for name in self.records})
+
+    def local_data(self) -> list[str]:
+        """The ``local-data`` lines for :attr:`records`."""
+        lines = []
+        for name, types in self.records.items():
+            for rtype, values in types.items():
+                for value in values:
+                    rdata = _rdata(rtype.upper(), value)
+                    record = f"{_fqdn(name)} {self.ttl} IN {rtype.upper()} {rdata}"
+                    quote = "'" if '"' in record else '"'
+                    if (quote == "'" and "'" in record) or "\n" in record:
+                        raise ValueError(f"cannot quote record {record!r}")
+                    lines.append(f"  local-data: {quote}{record}{quote}")
+        return lines
+
+    def config_text(self) -> str:
+        root = self.root
+        zones = [f'  local-zone: "{zone}." static' for zone in self.zone_names()]
+        return "\n".join([
+            "server:",
+            f"  interface: 127.0.0.1@{self.port}",
+            "  do-daemonize: no",
+            '  chroot: ""',
+            '  username: ""',
+            f'  directory: "{root}"',
+            f'  pidfile: "{root}/unbound.pid"',
+            f'  logfile: "{self.log_path}"',
+            "  use-syslog: no",
+            "  verbosity: 1",
+            "  do-ip6: no",
+            "  access-control: 127.0.0.0/8 allow",
+            '  module-config: "iterator"',
+            '  local-zone: "." refuse',
+            *zones,
+            *self.local_data(),
+            "remote-control:",
+            "  control-enable: no",
+            "",
+        ])
+
+    def start(self) -> Unbound:
+        if not self.port:
+            self.port = free_port()
+        self.config_path.write_text(self.config_text())
+        with open(self.root / "stderr.log", "ab") as stderr:
+            self.process = subprocess.Popen(
+                [which_peer("unbound"), "-d", "-c", str(self.config_path)],
+                stdout=stderr, stderr=subprocess.STDOUT)
+        try:
+            wait_for(self._up, what=f"unbound to listen on {self.port}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; unbound log:\n{self.log()}") from None
+        return self
+
+    def _up(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"unbound exited {self.process.returncode}")
+        return listening("127.0.0.1", self.port)
+
+    def log(self) -> str:
+        """Its log so far (after :meth:`stop`: the whole log, with the query counters
+        unbound writes on exit, e.g. ``7 queries, 7 answers from cache, 0 recursions``)."""
+        if self.process is None and self.final_log:
+            return self.final_log
+        return tail(self.root / "stderr.log") + tail(self.log_path)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+            self.final_log = self.log()
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Unbound:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _fqdn(name: str) -> str:
+    return name if name.endswith(".") else name + "."
+
+
+def _rdata(rtype: str, value: RecordValue) -> str:
+    if isinstance(value, tuple):
+        preference, host = value
+        return f"{preference} {_fqdn(host)}"
+    if rtype == "TXT":  # ASCII text: one character, one octet
+        pieces = [value[i:i + 255] for i in range(0, len(value), 255)] or [""]
+        return " ".join('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                        for p in pieces)
+    if rtype in ("CNAME", "NS", "PTR"):
+        return _fqdn(value)
+    return value

@@ -1,0 +1,1 @@
+"""Routing: which next hop a recipient goes to (match rules, DNS MX)."""

@@ -1,0 +1,1 @@
+"""Fakes shipped for tests: a DNS stub, a scriptable SMTP peer."""
