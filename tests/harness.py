@@ -98,6 +98,10 @@ class Tayori:
     trusted: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     local_domains: list[str] = field(default_factory=lambda: ["tayori.test", "localhost"])
     extra: str = ""
+    deliver: bool = False           # receive-only tests keep what they queued
+    queue: dict[str, Any] = field(default_factory=dict)
+    dns: dict[str, Any] = field(default_factory=dict)
+    remote: dict[str, Any] = field(default_factory=dict)   # [actions.remote] options
     hostname: str = "mx.tayori.test"
     user: str = ""
     process: subprocess.Popen[bytes] | None = None
@@ -124,10 +128,12 @@ class Tayori:
             toml_table("[[listen]]", {"address": address, **self.listen}),
             toml_table("[limits]", {"drain_timeout": 5, **self.limits}),
             toml_table("[smtp]", self.smtp),
+            toml_table("[queue]", {"suspended": not self.deliver, **self.queue}),
+            toml_table("[dns]", self.dns),
             toml_table("[tables]", {"local_domains": self.local_domains,
                                     "trusted_networks": self.trusted}),
             '[actions.local]\ndeliver = "maildir"\npath = "mail/{domain}/{user}/"\n',
-            '[actions.remote]\ndeliver = "mx"\n',
+            toml_table("[actions.remote]", {"deliver": "mx", **self.remote}),
             '[[match]]\nto = "local_domains"\naction = "local"\n',
             '[[match]]\nfrom = "trusted_networks"\nto = "any"\naction = "remote"\n',
             self.extra,

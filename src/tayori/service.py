@@ -5,7 +5,8 @@ Promises: start-up in a safe order: validate the config, lock and recover the sp
 (DESIGN §2.2), bind the listeners (privileged ports need root), hand the spool to the
 unprivileged ``user`` and drop to it, then serve. With ``workers`` above 1 the process
 becomes a supervisor that forks that many workers (each with its own event loop, spool
-committer and index connection, all accepting on the shared listening sockets), restarts
+committer and index connection, all accepting on the shared listening sockets; worker 0
+also runs the queue manager, which delivers), restarts
 a worker that dies, and forwards signals; workers die with the supervisor
 (PR_SET_PDEATHSIG), so a killed tayori leaves nothing behind. SIGTERM/SIGINT drain: no
 new connections, running sessions get ``limits.drain_timeout`` to finish, then exit 0.
@@ -30,7 +31,10 @@ from collections.abc import Coroutine
 from typing import Any
 
 from tayori import maillog
-from tayori.config import ConfigError, load
+from tayori.config import Config, ConfigError, load
+from tayori.deliver.dispatch import Dispatcher, Identity
+from tayori.dns import DnsPythonResolver
+from tayori.queue.manager import QueueManager
 from tayori.queue.spool import Spool, SpoolBusy
 from tayori.receive.connections import ConnectionTable
 from tayori.receive.listener import Receiver
@@ -74,15 +78,17 @@ def run(config_path: str | None) -> int:
     if config.user:
         drop_privileges(config.user, config.spool, config.log.file)
     if workers == 1:
-        return _serve(receiver, spool, config_path, announce=True)
+        return _serve(receiver, spool, config_path, announce=True, deliver=True)
     return Supervisor(receiver, spool, config_path, workers).run()
 
 
-def _serve(receiver: Receiver, spool: Spool, config_path: str | None, announce: bool) -> int:
-    """One event loop serving the listeners until SIGTERM, then draining."""
+def _serve(receiver: Receiver, spool: Spool, config_path: str | None, *, announce: bool,
+           deliver: bool) -> int:
+    """One event loop serving the listeners (and, in one worker, the queue manager)
+    until SIGTERM, then draining."""
     spool.start()
     try:
-        return _run_loop(_worker(receiver, config_path, announce))
+        return _run_loop(_worker(receiver, config_path, announce, deliver))
     finally:
         spool.close()
         maillog.event("stopped", pid=os.getpid())
@@ -97,14 +103,27 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-async def _worker(receiver: Receiver, config_path: str | None, announce: bool) -> int:
+async def _worker(receiver: Receiver, config_path: str | None, announce: bool,
+                  deliver: bool) -> int:
     await receiver.serve()
     config = receiver.config
+    manager = await _start_manager(config, receiver.spool) if deliver else None
     if announce:
         maillog.event("started", pid=os.getpid(), config=config.file, hostname=config.hostname)
-    await _wait_for_signals(receiver, config_path)
-    await receiver.drain()
+    await _wait_for_signals(receiver, config_path, manager)
+    if manager is None:
+        await receiver.drain()
+    else:
+        await asyncio.gather(receiver.drain(),
+                             manager.stop(receiver.config.limits.drain_timeout))
     return 0
+
+
+async def _start_manager(config: Config, spool: Spool) -> QueueManager:
+    resolver = DnsPythonResolver(config.dns.nameservers, timeout=config.dns.timeout)
+    manager = QueueManager(config, spool, Dispatcher(config, resolver, Identity.of(config)))
+    await manager.start()
+    return manager
 
 
 class Supervisor:
@@ -155,7 +174,8 @@ class Supervisor:
                 signal.signal(signum, signal.SIG_DFL)
             _die_with_parent()
             self.receiver.connections.worker = worker
-            code = _serve(self.receiver, self.spool, self.config_path, announce=False)
+            code = _serve(self.receiver, self.spool, self.config_path, announce=False,
+                          deliver=worker == 0)
         except BaseException:
             maillog.error("worker-failed", worker=worker, detail=traceback.format_exc(limit=8))
         finally:
@@ -210,12 +230,13 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-async def _wait_for_signals(receiver: Receiver, config_path: str | None) -> None:
+async def _wait_for_signals(receiver: Receiver, config_path: str | None,
+                            manager: QueueManager | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, receiver, config_path)
+    loop.add_signal_handler(signal.SIGHUP, _reload, receiver, config_path, manager)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # see Supervisor._spawn
     try:
         await stop.wait()
@@ -225,10 +246,12 @@ async def _wait_for_signals(receiver: Receiver, config_path: str | None) -> None
     maillog.event("stopping", reason="signal")
 
 
-def _reload(receiver: Receiver, config_path: str | None) -> None:
+def _reload(receiver: Receiver, config_path: str | None, manager: QueueManager | None) -> None:
     try:
         config = load(config_path)
         receiver.reload(config)
+        if manager is not None:
+            manager.update(config)
     except (ConfigError, TlsSetupError, OSError) as exc:
         maillog.error("reload-failed", reason=str(exc), kept="previous configuration")
         return

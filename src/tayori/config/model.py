@@ -21,10 +21,12 @@ from tayori.address import AddressError, check_address_literal, to_ascii_domain
 from tayori.config.schema import (
     BOOL,
     DURATION,
+    DURATION_LIST,
     INT,
     PATH,
     SIZE,
     STRING,
+    STRING_LIST,
     BadValue,
     ConfigError,
     build,
@@ -49,6 +51,32 @@ def _parse_endpoint(text: str) -> tuple[str, int]:
         if host != "localhost":
             raise BadValue(f"{host!r} is not an IP address") from None
     return host, int(port)
+
+
+def parse_next_hop(text: str, default_port: int) -> tuple[str, int, bool]:
+    """A relay or LMTP next hop: ``(host, port, brackets)``; a path (``/...``) is a unix
+    socket (port 0); ``[host]`` means no MX lookup (brackets True)."""
+    if text.startswith("/"):
+        return text, 0, True
+    host, port = text, default_port
+    if text.count(":") == 1 or (text.startswith("[") and "]:" in text):
+        host, _, port_text = text.rpartition(":")
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+            raise BadValue(f"{text!r}: the port must be a number from 1 to 65535")
+        port = int(port_text)
+    brackets = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if brackets else host
+    if not host:
+        raise BadValue(f"{text!r} names no host")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            host = to_ascii_domain(host)
+        except AddressError:
+            raise BadValue(f"{text!r}: {host!r} is neither an IP address nor a host name") \
+                from None
+    return host, port, brackets
 
 
 ENDPOINT = checked(STRING, "address", '"IP:port" or "[IPv6]:port", e.g. "0.0.0.0:25", "[::]:25"',
@@ -112,9 +140,64 @@ class SmtpConfig:
     dsn: bool = setting(True, BOOL, "Offer DSN (RFC 3461).")
 
 
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    lifetime: float = setting(5 * 86400.0, DURATION, "How long a message may stay in the queue; "
+                              "then its undelivered recipients bounce (expired).",
+                              shown_default='"5d"')
+    retry: tuple[float, ...] = setting((300.0, 600.0, 1200.0, 2400.0, 3600.0), DURATION_LIST,
+                                       "Waits between attempts after a temporary failure, "
+                                       "then the last one again; each with ±10% jitter.",
+                                       shown_default='["5m", "10m", "20m", "40m", "1h"]')
+    delay_warning: float = setting(0.0, DURATION, "After this long undelivered, the sender "
+                                   "gets one delay notice (DSN action delayed). 0: only for "
+                                   "recipients given with NOTIFY=DELAY, after 4h.",
+                                   shown_default="0 (off)")
+    postmaster: str = setting("", STRING, "Where a DSN that cannot be delivered goes (a "
+                              "double bounce). Empty: it is logged and dropped.")
+    max_active: int = setting(2000, INT, "Recipients being delivered at once, loaded from the "
+                              "index (the active window), whatever the queue size.")
+    bounce_size_limit: int = setting(100 * 1024, SIZE, "Messages larger than this come back "
+                                     "in a DSN as headers only.", shown_default='"100K"')
+    suspended: bool = setting(False, BOOL, "Accept and queue mail but attempt no delivery "
+                              "(maintenance). Messages wait; their lifetime still runs.")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    max_connections: int = setting(100, INT, "Outbound SMTP/LMTP connections at once, in total.")
+    connect_timeout: float = setting(30.0, DURATION, "Wait for a TCP connection to a next hop.",
+                                     shown_default='"30s"')
+    command_timeout: float = setting(300.0, DURATION, "Wait for the greeting and for replies "
+                                     "to EHLO, MAIL, RCPT (RFC 5321 §4.5.3.2: 5 minutes).",
+                                     shown_default='"5m"')
+    data_timeout: float = setting(600.0, DURATION, "Wait for the reply after the message "
+                                  "content (RFC 5321 §4.5.3.2: 10 minutes).",
+                                  shown_default='"10m"')
+    reuse_time: float = setting(2.0, DURATION, "Keep an idle connection this long for the next "
+                                "message to the same destination.", shown_default='"2s"')
+    prefer_ipv6: bool = setting(False, BOOL, "Try a host's IPv6 addresses before its IPv4 ones.")
+    ipv4: bool = setting(True, BOOL, "Deliver over IPv4.")
+    ipv6: bool = setting(True, BOOL, "Deliver over IPv6.")
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    nameservers: tuple[tuple[str, int], ...] = setting(
+        (), checked(STRING_LIST, "list of addresses", '["IP:port", ...], e.g. ["127.0.0.1:53"]',
+                    lambda items: tuple(_parse_endpoint(i) for i in items)),
+        "Resolvers to ask; empty: those of /etc/resolv.conf.", shown_default="[] (the system's)")
+    timeout: float = setting(5.0, DURATION, "Wait for a DNS answer; then the delivery is "
+                             "deferred, never bounced.", shown_default='"5s"')
+
+
 DELIVERY_KINDS = ("maildir", "lmtp", "mx", "relay", "pipe")
-_ACTION_KEYS = {"maildir": {"path"}, "lmtp": {"host"}, "relay": {"host"}, "pipe": {"command"},
-                "mx": set()}
+_REMOTE_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address"}
+_ACTION_KEYS = {"maildir": {"path"}, "lmtp": {"host", "max_connections"},
+                "relay": {"host", "auth_user", "auth_password"} | _REMOTE_KEYS,
+                "pipe": {"command"}, "mx": {"port"} | _REMOTE_KEYS}
+_OPTIONAL_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address", "port",
+                  "auth_user", "auth_password"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +208,18 @@ class ActionConfig:
     host: str = setting("", STRING, '`relay`, `lmtp`: next hop, "[host]:port" (or a unix '
                         "socket path for lmtp).")
     command: str = setting("", STRING, "`pipe`: the command that receives the message.")
+    port: int = setting(25, INT, "`mx`: the port of the MX hosts.")
+    tls: str = setting("may", enum("none", "may", "encrypt", "verify"),
+                       "`mx`, `relay`: STARTTLS policy. `may`: when offered, falling back to "
+                       "plain text if the handshake fails; `encrypt`: required, not "
+                       "authenticated; `verify`: required, certificate valid for the host name.")
+    tls_ca_file: str = setting("", PATH, "`tls = verify`: CA certificates (PEM); empty: the "
+                               "system's.")
+    max_connections: int = setting(20, INT, "Connections at once to one destination (an MX "
+                                   "domain, a relay host, an LMTP server).")
+    source_address: str = setting("", STRING, "`mx`, `relay`: local IP address to connect from.")
+    auth_user: str = setting("", STRING, "`relay`: log in (AUTH PLAIN or LOGIN) with this user.")
+    auth_password: str = setting("", STRING, "`relay`: the password for `auth_user`.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,13 +255,17 @@ class Config:
     listen: tuple[ListenConfig, ...] = ()
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
     tables: dict[str, Table] = field(default_factory=dict)
     actions: dict[str, ActionConfig] = field(default_factory=dict)
     match: tuple[MatchConfig, ...] = ()
 
 
 TOP_LEVEL = ("hostname", "spool", "user", "workers")
-SECTIONS = {"log": LogConfig, "limits": LimitsConfig, "smtp": SmtpConfig}
+SECTIONS = {"log": LogConfig, "limits": LimitsConfig, "smtp": SmtpConfig, "queue": QueueConfig,
+            "delivery": DeliveryConfig, "dns": DnsConfig}
 
 
 def from_document(doc: dict[str, Any], file: str, base: str) -> Config:
@@ -239,14 +338,21 @@ def _actions(raw: Any, file: str) -> dict[str, ActionConfig]:
     for name, table in raw.items():
         action = build(ActionConfig, table, file, f"actions.{name}")
         needs = _ACTION_KEYS[action.deliver]
-        for key in ("path", "host", "command"):
+        for key in ("path", "host", "command", *sorted(_OPTIONAL_KEYS)):
             if key in table and key not in needs:
                 raise ConfigError(file, f"actions.{name}.{key}",
                                   f"does not apply to deliver = {action.deliver!r}",
                                   ", ".join(sorted(needs)) or "no further keys")
-            if key in needs and not getattr(action, key):
+            if key in needs and key not in _OPTIONAL_KEYS and not getattr(action, key):
                 raise ConfigError(file, f"actions.{name}.{key}",
                                   f"is required for deliver = {action.deliver!r}", key)
+        if action.deliver in ("relay", "lmtp"):
+            try:
+                parse_next_hop(action.host, 25 if action.deliver == "relay" else 24)
+            except BadValue as exc:
+                raise ConfigError(file, f"actions.{name}.host", str(exc),
+                                  '"[host]:port", "host:port", "IP:port" or, for lmtp, a '
+                                  "unix socket path") from None
         actions[name] = action
     return actions
 

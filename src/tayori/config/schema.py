@@ -108,12 +108,21 @@ def _string_list(value: Any) -> list[str]:
     return [_string(item) for item in items]
 
 
+def _duration_list(value: Any) -> tuple[float, ...]:
+    items = _expect(value, list, "a list of durations")
+    if not items:
+        raise BadValue("the list is empty")
+    return tuple(_duration(item) for item in items)
+
+
 STRING = Kind("string", "a string", _string)
 BOOL = Kind("boolean", "true or false", _boolean)
 INT = Kind("integer", "a whole number >= 0", _integer)
 SIZE = Kind("size", 'bytes as a number, or a string with K, M or G (e.g. "50M")', _size)
 DURATION = Kind("duration", 'seconds as a number, or a string with ms, s, m, h or d (e.g. "5m")',
                 _duration)
+DURATION_LIST = Kind("list of durations", 'a non-empty list of durations, e.g. ["5m", "1h"]',
+                     _duration_list)
 STRING_LIST = Kind("list of strings", "a list of strings", _string_list)
 PATH = Kind("path", "a file or directory path", _string)
 

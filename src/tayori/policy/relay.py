@@ -4,8 +4,10 @@ Takes: the configured match rules and tables (DESIGN §4), and per recipient the
 address, whether it authenticated, and the recipient's domain (A-label form).
 Promises: :meth:`Rules.route` returns the action name of the first rule that matches,
 or None: a recipient no rule accepts is refused at RCPT with ``554 5.7.1`` (no open
-relay, DESIGN §2.6). Domains match exactly, case-insensitively (``*.example.org`` for
-its subdomains); address literals match only when a table lists them.
+relay, DESIGN §2.6). :meth:`Rules.route_internal` routes mail tayori writes itself
+(DSNs to senders it accepted mail from) by the rules' domains alone. Domains match
+exactly, case-insensitively (``*.example.org`` for its subdomains);
+address literals match only when a table lists them.
 Failure policy: pure; the config loader has already refused malformed tables.
 Config keys: ``tables``, ``match``.
 """
@@ -36,6 +38,9 @@ class _Rule:
         if self.networks is not None and (client is None or not any(
                 client in network for network in self.networks)):
             return False
+        return self.matches_domain(domain)
+
+    def matches_domain(self, domain: str) -> bool:
         if self.domains is None:
             return True
         return domain in self.domains or any(domain.endswith(w) for w in self.wildcards)
@@ -51,6 +56,15 @@ class Rules:
         client = _address(client_ip)
         for rule in self._rules:
             if rule.matches(client, authenticated, domain):
+                return rule.action
+        return None
+
+
+    def route_internal(self, domain: str) -> str | None:
+        """The action for mail tayori writes itself (DSNs): the first rule for the
+        domain, whichever clients it names; nobody outside can make tayori write it."""
+        for rule in self._rules:
+            if rule.matches_domain(domain):
                 return rule.action
         return None
 

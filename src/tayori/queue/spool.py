@@ -18,6 +18,7 @@ Promises (DESIGN §2.1, §2.2, §5):
   (crash between rename and commit; never acknowledged) are removed, and index rows
   whose body file is missing are marked ``corrupt`` and reported, never deleted.
   Recipients left ``inflight`` by a crash go back to ``queued`` (at-least-once).
+- After each committed batch the queue manager is woken (:mod:`tayori.queue.wakeup`).
 Failure policy: OSError / sqlite3.Error from the disk reach the caller, which answers
 ``452 4.3.1``; a failed batch leaves nothing visible (its files are unlinked).
 Config keys: ``spool``.
@@ -39,7 +40,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = 1
+from tayori.queue import wakeup
+
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
@@ -64,11 +67,16 @@ CREATE TABLE IF NOT EXISTS recipients (
     orcpt TEXT,
     notify TEXT,
     action TEXT NOT NULL,
-    -- queued | inflight | deferred | held | delivered | bounced | expired (DESIGN §2.2)
+    -- queued | inflight | deferred | held | delivered | bounced | expired (DESIGN §2.2);
+    -- cancelled: deleted by the operator, to be reported in a DSN
     state TEXT NOT NULL DEFAULT 'queued',
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL NOT NULL,
     last_reply TEXT,
+    last_attempt REAL,
+    status TEXT,             -- enhanced status of the last outcome, e.g. 4.4.1
+    remote_mta TEXT,         -- the host that gave last_reply
+    warned INTEGER NOT NULL DEFAULT 0,   -- a delay DSN was sent
     PRIMARY KEY (message, idx)
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt);
@@ -100,6 +108,10 @@ class RecipientRecord:
     orcpt: str | None = None
     notify: tuple[str, ...] | None = None
     state: str = "queued"
+    # delivery progress, as the index has it (not part of what was received)
+    attempts: int = field(default=0, compare=False)
+    next_attempt: float | None = field(default=None, compare=False)
+    last_reply: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +247,7 @@ class Spool:
         db = connect(self.index_path)
         try:
             db.executescript(SCHEMA)
+            _migrate(db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return self._recover(db)
         finally:
@@ -323,6 +336,19 @@ class Spool:
 
 
 
+_ADDED_COLUMNS = {  # version 2: delivery results per recipient
+    "last_attempt": "REAL", "status": "TEXT", "remote_mta": "TEXT",
+    "warned": "INTEGER NOT NULL DEFAULT 0"}
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an index written by an older tayori to this schema."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(recipients)")}
+    for name, declaration in _ADDED_COLUMNS.items():
+        if name not in columns:
+            db.execute(f"ALTER TABLE recipients ADD COLUMN {name} {declaration}")
+
+
 def connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     db.execute("PRAGMA journal_mode = WAL")
@@ -345,6 +371,7 @@ class _Committer:
     def __init__(self, db: sqlite3.Connection, messages_dir: str) -> None:
         self._db = db
         self._messages_dir = messages_dir
+        self._spool_dir = os.path.dirname(messages_dir)
         self._queue: queue.SimpleQueue[_Commit | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="spool-committer", daemon=True)
         self._thread.start()
@@ -390,6 +417,7 @@ class _Committer:
             return
         for item in batch:
             _resolve(item, None)
+        wakeup.poke(self._spool_dir)
 
 
 def _resolve(item: _Commit, error: BaseException | None) -> None:
@@ -445,7 +473,7 @@ def read_envelopes(spool_dir: str, queue_id: str | None = None) -> Iterator[Enve
             recipients = tuple(
                 RecipientRecord(r["address"], r["action"], r["orcpt"],
                                 tuple(r["notify"].split(",")) if r["notify"] else None,
-                                r["state"])
+                                r["state"], r["attempts"], r["next_attempt"], r["last_reply"])
                 for r in db.execute("SELECT * FROM recipients WHERE message = ? ORDER BY idx",
                                     (row["id"],)))
             yield Envelope(

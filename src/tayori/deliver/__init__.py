@@ -1,0 +1,1 @@
+"""Delivery: hand queued messages to their next hop (remote SMTP, LMTP) and report back."""

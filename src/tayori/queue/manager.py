@@ -1,0 +1,425 @@
+"""The queue manager: what is due goes out, what fails comes back as a DSN.
+
+Takes: the spool (body files, index), the configuration (actions, ``queue.*``), a
+:class:`~tayori.deliver.dispatch.Dispatcher` that makes attempts, and the relay rules
+(to route the DSNs it writes).
+Promises (DESIGN §2.2, §2.5, §5):
+- A bounded active window: at most ``queue.max_active`` recipients are claimed from the
+  index at once, whatever the queue size; due recipients are claimed as soon as the
+  window has room and the manager is woken (a commit in any worker, ``queue flush``) or
+  the next attempt falls due.
+- Recipients of one message with the same action and destination share one attempt;
+  the attempts of one message end together, in one DSN and one index transaction.
+- Each recipient ends an attempt in exactly one state: delivered (2xx), bounced (5xx),
+  deferred (4xx, next attempt per ``queue.retry`` with ±10% jitter) or expired (still
+  failing after ``queue.lifetime``: reported as failed). Held messages are never claimed.
+- DSNs (:mod:`tayori.bounce`): one per message and pass, to its sender, from ``<>``,
+  for failures (unless NOTIFY=NEVER or NOTIFY without FAILURE), for successes asked for
+  with NOTIFY=SUCCESS (``relayed`` when the next hop could not take the request on,
+  ``delivered`` over LMTP), and once per recipient for delays (NOTIFY=DELAY after 4h, or
+  ``queue.delay_warning``). Nothing is ever sent to ``<>``: a failed message from ``<>``
+  goes to ``queue.postmaster`` if set, and only once (a DSN about a DSN to the
+  postmaster is logged and dropped). The DSN is queued before the outcome is recorded: a
+  crash in between repeats the attempt and the DSN, it never loses it.
+- Messages with nothing left to do leave the index and the disk.
+- Recipients routed to actions that this tayori cannot run yet (``maildir``, ``pipe``)
+  stay queued and are reported once in the log at start.
+Failure policy: an error of the index or the disk is logged and the manager tries again
+after a pause; an unexpected exception in one attempt is confined to its recipients
+(``451 4.3.0``, retried).
+Config keys: ``queue.*``, ``hostname``, ``actions``, ``match``.
+Standards: RFC 3461 (NOTIFY, ORCPT, ENVID, RET), RFC 3464, RFC 5321 §4.5.4.1 (retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import sqlite3
+import time
+import traceback
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from tayori import bounce, maillog
+from tayori.address import AddressError, parse_mailbox
+from tayori.config import Config
+from tayori.deliver.dispatch import Delivery, Dispatcher, Result
+from tayori.errors import Reply
+from tayori.policy.relay import Rules
+from tayori.queue import wakeup
+from tayori.queue.spool import Envelope, RecipientRecord, Spool, new_queue_id
+from tayori.queue.store import Claim, Outcome, QueuedMessage, QueueStore
+
+DELIVERABLE = ("mx", "relay", "lmtp")
+DEFAULT_DELAY_WARNING = 4 * 3600.0   # with NOTIFY=DELAY and no queue.delay_warning
+IDLE_POLL = 60.0                      # look at the index at least this often
+ERROR_PAUSE = 5.0
+JITTER = 0.1
+T = TypeVar("T")
+
+
+def retry_delay(schedule: tuple[float, ...], attempts: int, rng: random.Random) -> float:
+    """The wait after the ``attempts``-th failed attempt (1-based), with jitter."""
+    base = schedule[min(max(attempts, 1), len(schedule)) - 1]
+    return base * rng.uniform(1 - JITTER, 1 + JITTER)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What one attempt means for one recipient: its new state, and what to report."""
+
+    outcome: Outcome
+    report: bounce.RecipientReport | None
+
+
+def judge(claim: Claim, result: Result, now: float, config: Config,
+          rng: random.Random) -> Verdict:
+    """The state a recipient moves to after an attempt, and the DSN line it earns."""
+    reply, queue, notify = result.reply, config.queue, claim.notify
+    status = reply.status or f"{reply.code // 100}.0.0"
+    text = _reply_text(reply)
+    base = Outcome(claim.message.queue_id, claim.index, "delivered", claim.attempts + 1, now,
+                   text, status, result.remote_mta, now, claim.warned)
+
+    def report(action: str, until: float | None = None) -> bounce.RecipientReport:
+        return bounce.RecipientReport(claim.address, action, status, claim.orcpt,
+                                      result.remote_mta, text, now, until)
+
+    if reply.is_positive:
+        wants = notify is not None and "SUCCESS" in notify and not result.dsn_passed_on
+        return Verdict(base, report("delivered" if result.final else "relayed")
+                       if wants else None)
+    fails = notify is None or "FAILURE" in notify
+    expires = claim.message.received_at + queue.lifetime
+    if reply.is_permanent or now >= expires:
+        state = "bounced" if reply.is_permanent else "expired"
+        return Verdict(replace(base, state=state), report("failed") if fails else None)
+    deferred = replace(base, state="deferred", next_attempt=min(
+        now + retry_delay(queue.retry, base.attempts, rng), expires))
+    warn = _warn_after(notify, config)
+    if warn is not None and not claim.warned and now - claim.message.received_at >= warn:
+        return Verdict(replace(deferred, warned=True), report("delayed", expires))
+    return Verdict(deferred, None)
+
+
+def _warn_after(notify: tuple[str, ...] | None, config: Config) -> float | None:
+    if notify is None:
+        return config.queue.delay_warning or None
+    if "DELAY" in notify:
+        return config.queue.delay_warning or DEFAULT_DELAY_WARNING
+    return None
+
+
+def _reply_text(reply: Reply) -> str:
+    return "\n".join(f"{reply.code} {line}" for line in reply.lines())
+
+
+CANCELLED = Reply(550, "5.0.0", "deleted from the queue by the postmaster")
+
+
+@dataclass(slots=True)
+class _Pass:
+    """One message's recipients claimed together, until all their attempts end."""
+
+    message: QueuedMessage
+    pending: int
+    verdicts: list[Verdict] = field(default_factory=list)
+    log: list[tuple[Claim, Result, float]] = field(default_factory=list)
+
+
+class QueueManager:
+    def __init__(self, config: Config, spool: Spool, dispatcher: Dispatcher, *,
+                 clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        self.config, self.spool, self.dispatcher = config, spool, dispatcher
+        self.rules = Rules(config)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-index")
+        self._store: QueueStore | None = None
+        self._wake = asyncio.Event()
+        self._active = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._runner: asyncio.Task[None] | None = None
+        self._listener: wakeup.Listener | None = None
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        """The actions whose recipients are claimed (none while suspended)."""
+        if self.config.queue.suspended:
+            return ()
+        return tuple(name for name, action in self.config.actions.items()
+                     if action.deliver in DELIVERABLE)
+
+    def update(self, config: Config) -> None:
+        """A reloaded configuration: applies to the next claims and attempts."""
+        self.config = config
+        self.rules = Rules(config)
+        self.dispatcher.update(config)
+        self._wake.set()
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._store = QueueStore(self.spool.directory)
+        requeued = await self._index(self._store.requeue_inflight)
+        if requeued:
+            maillog.event("requeued", recipients=requeued, reason="attempts cut short")
+        waiting = sorted(name for name, action in self.config.actions.items()
+                         if action.deliver not in DELIVERABLE)
+        if waiting:
+            maillog.warning("not-delivering", actions=",".join(waiting),
+                            reason="maildir and pipe delivery are not built yet; "
+                                   "recipients routed there stay queued")
+        if self.config.queue.suspended:
+            maillog.warning("delivery-suspended", reason="queue.suspended is set")
+        self._listener = wakeup.Listener(self.spool.directory, self._wake.set)
+        self._runner = asyncio.create_task(self._run())
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def stop(self, grace: float) -> None:
+        """Claim nothing more; let attempts under way finish for up to ``grace`` s."""
+        self._stopping = True
+        self._wake.set()
+        if self._runner is not None:
+            await self._runner
+        if self._tasks:
+            _, late = await asyncio.wait(self._tasks, timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+                maillog.warning("stopping", inflight=len(late),
+                                note="cut short; retried at the next start")
+        await self.dispatcher.close()
+        if self._listener is not None:
+            self._listener.close()
+        if self._store is not None:
+            await self._index(self._store.close)
+        self._db.shutdown(wait=True)
+
+    async def _index(self, call: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._db, call, *args)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                wait = await self._fill()
+            except (sqlite3.Error, OSError) as exc:
+                maillog.error("queue-index", reason=str(exc), retry_in=ERROR_PAUSE)
+                wait = ERROR_PAUSE
+            if self._stopping:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _fill(self) -> float:
+        """Claim what is due while the window has room; return how long to wait."""
+        assert self._store is not None
+        room = self.config.queue.max_active - self._active
+        if room <= 0:
+            return IDLE_POLL    # woken when an attempt ends
+        now = self.clock()
+        claims = await self._index(self._store.claim, now, room, self.actions)
+        if claims:
+            self._dispatch(claims)
+            if len(claims) == room:
+                return IDLE_POLL
+        due = await self._index(self._store.next_due, self.actions)
+        if due is None:
+            return IDLE_POLL
+        return min(max(due - self.clock(), 0.0), IDLE_POLL) if not claims else 0.0
+
+    def _dispatch(self, claims: list[Claim]) -> None:
+        by_message: dict[str, list[Claim]] = {}
+        for claim in claims:
+            by_message.setdefault(claim.message.queue_id, []).append(claim)
+        self._active += len(claims)
+        for group in by_message.values():
+            jobs = self._jobs(group)
+            run = _Pass(group[0].message, len(jobs))
+            for job, members in jobs:
+                self._spawn(self._attempt(run, job, members))
+
+    def _jobs(self, claims: list[Claim]) -> list[tuple[Delivery | None, list[Claim]]]:
+        """Group one message's recipients by action and destination (None: no attempt,
+        the recipients are settled without one)."""
+        path = os.path.join(self.spool.messages, claims[0].message.queue_id)
+        groups: dict[tuple[str, str], list[Claim]] = {}
+        unsettled: list[Claim] = []
+        for claim in claims:
+            action = self.config.actions.get(claim.action)
+            if claim.cancelled or action is None or action.deliver not in DELIVERABLE:
+                unsettled.append(claim)
+                continue
+            destination = (_domain(claim.address) if action.deliver == "mx" else action.host)
+            groups.setdefault((claim.action, destination), []).append(claim)
+        jobs: list[tuple[Delivery | None, list[Claim]]] = [
+            (Delivery(members[0].message, path, name, self.config.actions[name], destination,
+                      tuple(members)), members)
+            for (name, destination), members in groups.items()]
+        if unsettled:
+            jobs.append((None, unsettled))
+        return jobs
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _attempt(self, run: _Pass, job: Delivery | None, claims: list[Claim]) -> None:
+        started = self.clock()
+        try:
+            results = await self._results(job, claims)
+        except Exception:
+            maillog.error("attempt-failed", queue_id=run.message.queue_id,
+                          detail=traceback.format_exc(limit=6))
+            results = [Result(Reply(451, "4.3.0", "local error in processing"))] * len(claims)
+        now = self.clock()
+        for claim, result in zip(claims, results, strict=True):
+            run.verdicts.append(judge(claim, result, now, self.config, self.rng))
+            run.log.append((claim, result, now - started))
+        run.pending -= 1
+        if run.pending == 0:
+            await self._conclude(run)
+
+    async def _results(self, job: Delivery | None, claims: list[Claim]) -> list[Result]:
+        if job is not None:
+            return await self.dispatcher.deliver(job)
+        out = []
+        for claim in claims:
+            if claim.cancelled:
+                out.append(Result(CANCELLED))
+            else:
+                out.append(Result(Reply(451, "4.3.5", f"no usable action {claim.action!r} "
+                                        "in the configuration")))
+        return out
+
+    async def _conclude(self, run: _Pass) -> None:
+        """All attempts of a message in this pass ended: DSN, then record, then tidy."""
+        try:
+            dsn = await self._notify(run)
+            outcomes = [v.outcome for v in run.verdicts]
+            await self._index(self._record, outcomes, run.message.queue_id)
+        except (sqlite3.Error, OSError) as exc:
+            maillog.error("queue-index", queue_id=run.message.queue_id, reason=str(exc),
+                          note="the attempt will be repeated after a restart")
+            dsn = None
+        finally:
+            self._active -= len(run.verdicts)
+            self._wake.set()
+        now = self.clock()
+        for (claim, result, took), verdict in zip(run.log, run.verdicts, strict=True):
+            _log_outcome(claim, result, verdict, took, now, dsn=dsn)
+
+    def _record(self, outcomes: list[Outcome], queue_id: str) -> None:
+        assert self._store is not None
+        self._store.record(outcomes)
+        for done in self._store.remove_finished([queue_id]):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.spool.messages, done))
+            maillog.event("removed", queue_id=done)
+
+    # --- DSNs -------------------------------------------------------------------------
+
+    async def _notify(self, run: _Pass) -> str | None:
+        reports = [v.report for v in run.verdicts if v.report is not None]
+        if not reports:
+            return None
+        message = run.message
+        recipient = message.sender or self._double_bounce_address(message)
+        if recipient is None:
+            return None
+        return await self._queue_dsn(message, tuple(reports), recipient)
+
+    def _double_bounce_address(self, message: QueuedMessage) -> str | None:
+        postmaster = self.config.queue.postmaster
+        if not postmaster or message.protocol == "dsn":
+            maillog.warning("dsn-dropped", queue_id=message.queue_id,
+                            reason="the failed message had the null sender <>" +
+                            ("" if postmaster else "; queue.postmaster is not set"))
+            return None
+        return postmaster
+
+    async def _queue_dsn(self, message: QueuedMessage, reports: tuple[bounce.RecipientReport,
+                         ...], recipient: str) -> str | None:
+        try:
+            domain = parse_mailbox(recipient, utf8=True).ascii_domain
+        except AddressError:
+            domain = ""
+        action = self.rules.route_internal(domain)
+        if action is None:
+            maillog.warning("dsn-dropped", queue_id=message.queue_id, to=recipient,
+                            reason="no match rule routes the sender's domain")
+            return None
+        now = self.clock()
+        dsn_id = new_queue_id(now)
+        report = bounce.Report(
+            reporting_mta=self.config.hostname, queue_id=message.queue_id, sender=recipient,
+            arrival=message.received_at, recipients=reports, envid=message.envid,
+            ret=message.ret, smtputf8=message.smtputf8,
+            received_from=f"[{message.client_address}] HELO {message.helo}")
+        path = os.path.join(self.spool.messages, message.queue_id)
+        content = await asyncio.get_running_loop().run_in_executor(
+            None, _compose, report, path, now, f"{dsn_id}@{self.config.hostname}",
+            self.config.queue.bounce_size_limit)
+        draft = self.spool.new_draft(dsn_id)
+        draft.write(content)
+        envelope = Envelope(
+            queue_id=dsn_id, sender="", recipients=(RecipientRecord(recipient, action),),
+            size=len(content), client_address="127.0.0.1", client_name="localhost",
+            helo=self.config.hostname, protocol="dsn", received_at=now,
+            body_type="8BITMIME" if bounce.needs_8bitmime(content) else "7BIT",
+            smtputf8=not recipient.isascii() or message.smtputf8)
+        await self.spool.commit(draft, envelope)
+        return dsn_id
+
+
+def _compose(report: bounce.Report, path: str, now: float, message_id: str,
+             limit: int) -> bytes:
+    try:
+        handle = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:   # deleted meanwhile: report without the original
+        import io
+        return bounce.compose(report, io.BytesIO(b""), now=now, message_id=message_id,
+                              max_original=limit)
+    with handle:
+        return bounce.compose(report, handle, now=now, message_id=message_id,
+                              max_original=limit)
+
+
+def _domain(address: str) -> str:
+    try:
+        return parse_mailbox(address, utf8=True).ascii_domain
+    except AddressError:
+        return address.rpartition("@")[2].lower()
+
+
+def _log_outcome(claim: Claim, result: Result, verdict: Verdict, took: float,
+                 now: float, *, dsn: str | None) -> None:
+    outcome = verdict.outcome
+    fields: dict[str, object] = {
+        "queue_id": claim.message.queue_id, "to": claim.address,
+        "relay": result.target or "none", "delay": f"{now - claim.message.received_at:.2f}",
+        "attempt_took": f"{took:.2f}", "attempts": outcome.attempts,
+        "reply": outcome.reply}
+    if result.tls:
+        fields["tls"] = result.tls
+    if outcome.state == "deferred":
+        fields["next_attempt"] = f"{outcome.next_attempt - now:.0f}s"
+    if verdict.report is not None:
+        fields["dsn"] = f"{verdict.report.action}:{dsn}" if dsn else "dropped"
+    maillog.event(outcome.state, **fields)
+
+

@@ -1,0 +1,213 @@
+"""The queue index as the queue manager and the operator's commands use it.
+
+Takes: the spool directory (its ``index.sqlite3``, written by :mod:`tayori.queue.spool`).
+Promises (DESIGN §2.2, §5):
+- :meth:`QueueStore.claim` moves due recipients (``queued`` or ``deferred`` with
+  ``next_attempt`` passed, and ``cancelled`` ones) to ``inflight`` and returns them with
+  their message, oldest due first, at most ``limit``: the manager's active window is
+  bounded whatever the queue size.
+- :meth:`QueueStore.record` writes the outcomes of attempts in one transaction: each
+  recipient leaves ``inflight`` for exactly one state (delivered, deferred with its next
+  attempt, bounced, expired; ``held`` when the operator held the message meanwhile).
+- :meth:`QueueStore.remove_finished` deletes the rows of messages with no recipient
+  left to deliver and returns their ids (the caller removes the body files).
+- Operator commands (hold, release, flush, cancel, remove) are single transactions,
+  safe while the daemon runs (SQLite WAL; the daemon's manager is the only other writer
+  of these rows).
+Failure policy: sqlite3.Error and OSError reach the caller.
+Config keys: ``spool``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from tayori.queue.spool import connect
+
+DUE_STATES = ("queued", "deferred")
+OPEN_STATES = ("queued", "deferred", "inflight", "held", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    queue_id: str
+    sender: str
+    size: int
+    body_type: str
+    smtputf8: bool
+    ret: str | None
+    envid: str | None
+    received_at: float
+    client_address: str
+    helo: str
+    protocol: str
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A recipient taken for an attempt."""
+
+    message: QueuedMessage
+    index: int
+    address: str
+    orcpt: str | None
+    notify: tuple[str, ...] | None
+    action: str
+    attempts: int           # before this one
+    warned: bool
+    cancelled: bool         # deleted by the operator: report, don't deliver
+    last_reply: str | None
+    last_status: str | None
+    remote_mta: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    queue_id: str
+    index: int
+    state: str              # delivered | deferred | bounced | expired | queued
+    attempts: int
+    next_attempt: float
+    reply: str | None
+    status: str | None
+    remote_mta: str | None
+    at: float
+    warned: bool = False
+
+
+class QueueStore:
+    def __init__(self, spool_dir: str) -> None:
+        self.spool_dir = spool_dir
+        self._db = connect(os.path.join(spool_dir, "index.sqlite3"))
+        self._db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- the queue manager ------------------------------------------------------------
+
+    def requeue_inflight(self) -> int:
+        """At the manager's start: attempts that a dead manager left unfinished."""
+        with self._db:
+            return self._db.execute("UPDATE recipients SET state = 'queued' "
+                                    "WHERE state = 'inflight'").rowcount
+
+    def claim(self, now: float, limit: int, actions: Sequence[str]) -> list[Claim]:
+        if limit <= 0 or not actions:
+            return []
+        marks = ",".join("?" * len(actions))
+        with self._db:
+            rows = self._db.execute(
+                "SELECT r.*, m.sender, m.size, m.body_type, m.smtputf8, m.ret, m.envid, "
+                "m.received_at, m.client_address, m.helo, m.protocol FROM recipients r "
+                "JOIN messages m ON m.id = r.message "
+                f"WHERE ((r.state IN ('queued', 'deferred') AND r.next_attempt <= ? "
+                f"AND r.action IN ({marks})) OR r.state = 'cancelled') "
+                "AND m.state = 'queued' ORDER BY r.next_attempt LIMIT ?",
+                (now, *actions, limit)).fetchall()
+            self._db.executemany(
+                "UPDATE recipients SET state = 'inflight' WHERE message = ? AND idx = ?",
+                [(row["message"], row["idx"]) for row in rows])
+        messages: dict[str, QueuedMessage] = {}
+        return [_claim(row, messages) for row in rows]
+
+    def record(self, outcomes: Iterable[Outcome]) -> None:
+        with self._db:
+            self._db.executemany(
+                "UPDATE recipients SET state = CASE WHEN :state = 'deferred' AND "
+                "(SELECT state FROM messages WHERE id = :id) = 'held' THEN 'held' "
+                "ELSE :state END, attempts = :attempts, next_attempt = :next, "
+                "last_reply = :reply, status = :status, remote_mta = :mta, "
+                "last_attempt = :at, warned = :warned "
+                "WHERE message = :id AND idx = :idx AND state IN ('inflight', 'cancelled')",
+                [{"id": o.queue_id, "idx": o.index, "state": o.state, "attempts": o.attempts,
+                  "next": o.next_attempt, "reply": o.reply, "status": o.status,
+                  "mta": o.remote_mta, "at": o.at, "warned": int(o.warned)} for o in outcomes])
+
+    def remove_finished(self, queue_ids: Iterable[str]) -> list[str]:
+        """Delete the index rows of the given messages that have nothing left to do."""
+        marks = ",".join("?" * len(OPEN_STATES))
+        done = []
+        with self._db:
+            for queue_id in set(queue_ids):
+                busy = self._db.execute(
+                    f"SELECT 1 FROM recipients WHERE message = ? AND state IN ({marks}) LIMIT 1",
+                    (queue_id, *OPEN_STATES)).fetchone()
+                if busy is None:
+                    self._delete(queue_id)
+                    done.append(queue_id)
+        return done
+
+    def next_due(self, actions: Sequence[str]) -> float | None:
+        """When the next recipient falls due (None: nothing waits)."""
+        if not actions:
+            return None
+        marks = ",".join("?" * len(actions))
+        row = self._db.execute(
+            "SELECT MIN(r.next_attempt) FROM recipients r JOIN messages m ON m.id = r.message "
+            f"WHERE r.state IN ('queued', 'deferred') AND r.action IN ({marks}) "
+            "AND m.state = 'queued'", tuple(actions)).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    # --- the operator's commands ------------------------------------------------------
+
+    def exists(self, queue_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM messages WHERE id = ?",
+                                (queue_id,)).fetchone() is not None
+
+    def hold(self, queue_id: str) -> int:
+        with self._db:
+            self._db.execute("UPDATE messages SET state = 'held' WHERE id = ? "
+                             "AND state = 'queued'", (queue_id,))
+            return self._db.execute("UPDATE recipients SET state = 'held' WHERE message = ? "
+                                    "AND state IN ('queued', 'deferred')", (queue_id,)).rowcount
+
+    def release(self, queue_id: str, now: float) -> int:
+        with self._db:
+            self._db.execute("UPDATE messages SET state = 'queued' WHERE id = ? "
+                             "AND state = 'held'", (queue_id,))
+            return self._db.execute("UPDATE recipients SET state = 'queued', next_attempt = ? "
+                                    "WHERE message = ? AND state = 'held'",
+                                    (now, queue_id)).rowcount
+
+    def flush(self, queue_id: str | None, now: float) -> int:
+        """Make waiting recipients due now (of one message, or all)."""
+        where = " AND message = ?" if queue_id else ""
+        with self._db:
+            return self._db.execute(
+                "UPDATE recipients SET next_attempt = ? WHERE state IN ('queued', 'deferred')"
+                + where, (now, queue_id) if queue_id else (now,)).rowcount
+
+    def cancel(self, queue_id: str) -> int:
+        """Delete with a DSN: the manager reports the undelivered recipients as failed."""
+        with self._db:
+            self._db.execute("UPDATE messages SET state = 'queued' WHERE id = ?", (queue_id,))
+            return self._db.execute(
+                "UPDATE recipients SET state = 'cancelled' WHERE message = ? "
+                "AND state IN ('queued', 'deferred', 'held')", (queue_id,)).rowcount
+
+    def remove(self, queue_id: str) -> None:
+        """Delete without a DSN (index rows now; the caller removes the body file)."""
+        with self._db:
+            self._delete(queue_id)
+
+    def _delete(self, queue_id: str) -> None:
+        self._db.execute("DELETE FROM recipients WHERE message = ?", (queue_id,))
+        self._db.execute("DELETE FROM messages WHERE id = ?", (queue_id,))
+
+
+def _claim(row: sqlite3.Row, messages: dict[str, QueuedMessage]) -> Claim:
+    queue_id = row["message"]
+    message = messages.get(queue_id)
+    if message is None:
+        message = messages[queue_id] = QueuedMessage(
+            queue_id, row["sender"], row["size"], row["body_type"], bool(row["smtputf8"]),
+            row["ret"], row["envid"], row["received_at"], row["client_address"], row["helo"],
+            row["protocol"])
+    return Claim(message, row["idx"], row["address"], row["orcpt"],
+                 tuple(row["notify"].split(",")) if row["notify"] else None, row["action"],
+                 row["attempts"], bool(row["warned"]), row["state"] == "cancelled",
+                 row["last_reply"], row["status"], row["remote_mta"])
