@@ -74,6 +74,12 @@ def toml_table(header: str, values: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tayori_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``tayori ARGS...`` (the CLI) and return what it did."""
+    return subprocess.run([sys.executable, "-m", "tayori", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
 def which_peer(name: str) -> str:
     """Path of a peer program (swaks, smtp-source...), or skip the test."""
     import pytest

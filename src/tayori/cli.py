@@ -1,4 +1,5 @@
-"""The ``tayori`` command: serve, check-config, queue list/show, config-reference.
+"""The ``tayori`` command: serve, check-config, queue (list, show, flush, hold, release,
+delete), config-reference.
 
 Takes: command-line arguments.
 Promises: each subcommand prints its result to stdout and exits 0; a problem the user can
@@ -9,15 +10,19 @@ fix (bad config, unknown queue id, port in use) is one line on stderr and exit s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from tayori.config import ConfigError, load
-from tayori.queue.spool import Envelope, read_envelopes
+from tayori.config import Config, ConfigError, load
+from tayori.queue import wakeup
+from tayori.queue.spool import Envelope, RecipientRecord, read_envelopes
+from tayori.queue.store import QueueStore
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("queue_id")
     show.add_argument("--json", action="store_true", help="envelope as JSON")
     show.set_defaults(func=_queue_show)
+    flush = with_config(queue_commands.add_parser(
+        "flush", help="attempt delivery now (of one message, or of every waiting one)"))
+    flush.add_argument("queue_id", nargs="?")
+    flush.set_defaults(func=_queue_flush)
+    for name, summary in (("hold", "keep a message from delivery until released"),
+                          ("release", "let a held message be delivered again")):
+        command = with_config(queue_commands.add_parser(name, help=summary))
+        command.add_argument("queue_id")
+        command.set_defaults(func=_queue_change, change=name)
+    delete = with_config(queue_commands.add_parser(
+        "delete", help="remove a message from the queue (no DSN unless --dsn)"))
+    delete.add_argument("queue_id")
+    delete.add_argument("--dsn", action="store_true",
+                        help="tell the sender: a DSN for every undelivered recipient")
+    delete.set_defaults(func=_queue_delete)
     reference = commands.add_parser("config-reference",
                                     help="print the configuration reference (Markdown)")
     reference.set_defaults(func=_config_reference)
@@ -101,7 +121,9 @@ def _queue_list(args: argparse.Namespace) -> int:
         print(f"{env.queue_id:<16} {env.size:>9} {_time(env.received_at):<19} {env.state:<8} "
               f"{env.sender or '<>'}")
         for rcpt in env.recipients:
-            print(f"{'':<55} {rcpt.address} ({rcpt.state})")
+            print(f"{'':<55} {rcpt.address} ({_progress(rcpt)})")
+            if rcpt.last_reply:
+                print(f"{'':<57} last: {' / '.join(rcpt.last_reply.splitlines())}")
     total = sum(env.size for env in envelopes)
     print(f"-- {len(envelopes)} message(s), {total} bytes.")
     return 0
@@ -145,10 +167,76 @@ def _queue_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(rcpt: RecipientRecord) -> str:
+    parts = [rcpt.state, f"attempts {rcpt.attempts}"]
+    if rcpt.state in ("queued", "deferred") and rcpt.next_attempt is not None:
+        parts.append(f"next {_time(rcpt.next_attempt)}")
+    return ", ".join(parts)
+
+
 def _summary(env: Envelope) -> dict[str, object]:
     return {"queue_id": env.queue_id, "size": env.size, "received_at": env.received_at,
             "state": env.state, "sender": env.sender,
-            "recipients": [{"address": r.address, "state": r.state} for r in env.recipients]}
+            "recipients": [{"address": r.address, "state": r.state, "attempts": r.attempts,
+                            "next_attempt": r.next_attempt, "last_reply": r.last_reply}
+                           for r in env.recipients]}
+
+
+def _store(config_path: str | None, queue_id: str | None) -> tuple[Config, QueueStore]:
+    config = load(config_path)
+    if not os.path.exists(os.path.join(config.spool, "index.sqlite3")):
+        raise UserError(f"there is no queue in {config.spool}")
+    store = QueueStore(config.spool)
+    if queue_id is not None and not store.exists(queue_id):
+        store.close()
+        raise UserError(f"no message {queue_id!r} in the queue {config.spool}")
+    return config, store
+
+
+def _queue_flush(args: argparse.Namespace) -> int:
+    config, store = _store(args.config, args.queue_id)
+    try:
+        count = store.flush(args.queue_id, time.time())
+    finally:
+        store.close()
+    wakeup.poke(config.spool)
+    print(f"{count} recipient(s) due now.")
+    return 0
+
+
+def _queue_change(args: argparse.Namespace) -> int:
+    config, store = _store(args.config, args.queue_id)
+    try:
+        if args.change == "hold":
+            count = store.hold(args.queue_id)
+        else:
+            count = store.release(args.queue_id, time.time())
+    finally:
+        store.close()
+    wakeup.poke(config.spool)
+    done = "held" if args.change == "hold" else "released"
+    print(f"{args.queue_id}: {count} recipient(s) {done}.")
+    return 0
+
+
+def _queue_delete(args: argparse.Namespace) -> int:
+    config, store = _store(args.config, args.queue_id)
+    try:
+        if args.dsn:
+            count = store.cancel(args.queue_id)
+        else:
+            store.remove(args.queue_id)
+    finally:
+        store.close()
+    if args.dsn:
+        wakeup.poke(config.spool)
+        print(f"{args.queue_id}: {count} recipient(s) will be reported to the sender, "
+              "then the message removed.")
+        return 0
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(config.spool, "messages", args.queue_id))  # see queue/spool.py
+    print(f"{args.queue_id}: deleted.")
+    return 0
 
 
 def _time(stamp: float) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from harness import Tayori, queued_id, wait_for
+from harness import Tayori, queued_id, tayori_cli, wait_for
 from tayori.errors import Reply
 from tayori.smtp.server import EXTENSIONS_ALL
 from tayori.testing.dnsstub import DnsStub
@@ -295,3 +295,47 @@ def test_dsn_parameters_passed_on(mta: Callable[..., Tayori],
     assert "ORCPT=rfc822;bob@dest.test" in got.rcpt_params[0]
     wait_for(lambda: queue_empty(tayori), what="the queue to empty")
     assert sender_mx.transactions == []
+
+
+def test_queue_commands_hold_release_flush_delete(mta: Callable[..., Tayori],
+                                                  peers: Callable[..., SmtpPeer]) -> None:
+    tayori = mta(queue={"retry": ["1h"]})
+    config = str(tayori.config_path)
+    held = submit(tayori, ["bob@dest.test"])
+    assert tayori_cli("queue", "hold", held, "-c", config).returncode == 0
+    wait_for(lambda: "deferred queue_id=" + held in tayori.log() or
+             tayori.envelopes()[0].recipients[0].state == "held", what="the hold")
+    listing = tayori_cli("queue", "list", "-c", config).stdout
+    assert held in listing and "held" in listing
+    # down: the first attempt defers for an hour; flush makes it due now
+    waiting = submit(tayori, ["carol@dest.test"])
+    wait_for(lambda: f"deferred queue_id={waiting}" in tayori.log(), what="a deferral")
+    listing = tayori_cli("queue", "list", "-c", config).stdout
+    assert "attempts 1" in listing and "last: 451 4.4.1" in listing
+    mx1 = peers("127.0.0.2")
+    assert tayori_cli("queue", "flush", "-c", config).returncode == 0
+    [got] = mx1.wait_for_messages(1)
+    assert got.recipients == ("carol@dest.test",)        # held stays held
+    assert tayori_cli("queue", "release", held, "-c", config).returncode == 0
+    assert {m.recipients for m in mx1.wait_for_messages(2)} == {("carol@dest.test",),
+                                                                ("bob@dest.test",)}
+    wait_for(lambda: queue_empty(tayori), what="the queue to empty")
+
+
+def test_queue_delete_with_and_without_dsn(mta: Callable[..., Tayori],
+                                          peers: Callable[..., SmtpPeer]) -> None:
+    sender_mx = peers("127.0.0.4")
+    tayori = mta(queue={"retry": ["1h"]})
+    config = str(tayori.config_path)
+    quiet = submit(tayori, ["bob@dest.test"])
+    told = submit(tayori, ["carol@dest.test"])
+    wait_for(lambda: f"deferred queue_id={told}" in tayori.log(), what="a deferral")
+    assert tayori_cli("queue", "delete", quiet, "-c", config).returncode == 0
+    assert tayori_cli("queue", "delete", told, "--dsn", "-c", config).returncode == 0
+    [recipient] = dsn_of(sender_mx).get_payload()[1].get_payload()[1:]
+    assert recipient["Final-Recipient"] == "rfc822; carol@dest.test"
+    assert "deleted" in recipient["Diagnostic-Code"]
+    wait_for(lambda: queue_empty(tayori), what="the queue to empty")
+    assert len(sender_mx.messages) == 1
+    missing = tayori_cli("queue", "hold", "NOSUCHID", "-c", config)
+    assert missing.returncode == 1 and "no message" in missing.stderr

@@ -10,22 +10,16 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from harness import Client, Tayori, envelopes_by_id, free_port, queued_id, wait_for
+from harness import Client, Tayori, envelopes_by_id, free_port, queued_id, tayori_cli, wait_for
 
 MESSAGE = b"Subject: service\r\n\r\nhello\r\n"
 MakeTayori = Callable[..., Tayori]
-
-
-def tayori_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tayori", *args], capture_output=True,
-                          text=True, timeout=60, check=False)
 
 
 def test_connections_per_ip_limit(make_tayori: MakeTayori) -> None:
