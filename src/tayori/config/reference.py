@@ -13,10 +13,13 @@ from tayori.config import default_text
 from tayori.config.model import (
     ActionConfig,
     Config,
+    DeliveryConfig,
+    DnsConfig,
     LimitsConfig,
     ListenConfig,
     LogConfig,
     MatchConfig,
+    QueueConfig,
     SmtpConfig,
 )
 from tayori.config.schema import describe
@@ -49,7 +52,14 @@ SECTIONS: list[tuple[str, str, Any]] = [
      ListenConfig),
     ("[limits]", "Protection against oversized, slow and abusive clients.", LimitsConfig),
     ("[smtp]", "ESMTP features offered in the EHLO reply.", SmtpConfig),
-    ("[actions.NAME]", "A named way of delivering mail, used by match rules.", ActionConfig),
+    ("[queue]", "Retries, lifetime and DSNs of queued mail.", QueueConfig),
+    ("[delivery]", "Outbound SMTP and LMTP connections (all actions).", DeliveryConfig),
+    ("[dns]", "The resolver used for MX and address lookups.", DnsConfig),
+    ("[actions.NAME]", "A named way of delivering mail, used by match rules. `mx` looks "
+                       "up the recipient domain's MX hosts; `relay` sends everything to "
+                       '`host` (`"[name]:port"`: no MX lookup); `lmtp` hands mail to an '
+                       'LMTP server (`"host:port"` or a unix socket path). `maildir` and '
+                       "`pipe` are accepted but not yet delivered.", ActionConfig),
     ("[[match]]", "Routing and relay rules, tried in order; the first that matches a "
                   "recipient decides its action. The client condition is written `from`.",
      MatchConfig),
@@ -75,9 +85,15 @@ def markdown() -> str:
         parts.append("| key | type | default | meaning |\n|---|---|---|---|")
         for key, kind, default, doc in describe(cls):
             name = "from" if (cls is MatchConfig and key == "sender") else key
-            parts.append(f"| `{name}` | {kind} | `{default}` | {doc} |")
+            kind_cell, default_cell, doc_cell = (_cell(c) for c in (kind, default, doc))
+            parts.append(f"| `{name}` | {kind_cell} | `{default_cell}` | {doc_cell} |")
         parts.append("")
         if cls is ListenConfig:
             parts.append(TABLES)
     parts.append("## The embedded default\n\n```toml\n" + default_text() + "```\n")
     return "\n".join(parts)
+
+
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell: a ``|`` would end the cell."""
+    return text.replace("|", "\\|")
