@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from harness import Tayori, queued_id, tayori_cli, wait_for
+from harness import Tayori, free_port, queued_id, tayori_cli, wait_for
 from tayori.errors import Reply
 from tayori.smtp.server import EXTENSIONS_ALL
 from tayori.testing.dnsstub import DnsStub
@@ -339,3 +339,57 @@ def test_queue_delete_with_and_without_dsn(mta: Callable[..., Tayori],
     assert len(sender_mx.messages) == 1
     missing = tayori_cli("queue", "hold", "NOSUCHID", "-c", config)
     assert missing.returncode == 1 and "no message" in missing.stderr
+
+
+def test_delay_warning_then_delivery(mta: Callable[..., Tayori],
+                                     peers: Callable[..., SmtpPeer]) -> None:
+    sender_mx = peers("127.0.0.4")
+    tayori = mta(queue={"delay_warning": "1s"})
+    queue_id = submit(tayori, ["bob@dest.test"])
+    dsn = dsn_of(sender_mx)
+    assert dsn["Subject"].startswith("Delayed Mail")
+    [recipient] = dsn.get_payload()[1].get_payload()[1:]
+    assert recipient["Action"] == "delayed" and recipient["Will-Retry-Until"]
+    mx1 = peers("127.0.0.2")
+    mx1.wait_for_messages(1)
+    wait_for(lambda: queue_empty(tayori), what="the queue to empty")
+    assert len(sender_mx.messages) == 1            # one notice, however many attempts
+    assert f"delivered queue_id={queue_id}" in tayori.log()
+
+
+def test_smarthost_with_auth(make_tayori: Callable[..., Tayori]) -> None:
+    """A relay action logs in (AUTH PLAIN) before sending; aiosmtpd checks the login."""
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    received: list[tuple[str, bytes]] = []
+    logins: list[bytes] = []
+
+    class Handler:
+        async def handle_DATA(self, server: object, session: Any, envelope: Any) -> str:
+            received.append((session.authenticated and envelope.mail_from,
+                             envelope.original_content))
+            return "250 OK"
+
+    def authenticator(server: object, session: object, envelope: object, mechanism: str,
+                      data: object) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        logins.append(data.login)
+        return AuthResult(success=data.login == b"relayuser" and data.password == b"s3cret")
+
+    port = free_port()
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port,
+                            authenticator=authenticator, auth_require_tls=False)
+    controller.start()
+    try:
+        tayori = make_tayori(deliver=True, remote={
+            "deliver": "relay", "host": f"[127.0.0.1]:{port}", "tls": "none",
+            "auth_user": "relayuser", "auth_password": "s3cret"})
+        submit(tayori, ["bob@dest.test"])
+        wait_for(lambda: received, what="the smarthost to receive the message")
+    finally:
+        controller.stop()
+    assert logins == [b"relayuser"]
+    assert received[0][0] == "alice@sender.test"
+    assert body_of(received[0][1].replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n")) \
+        == MESSAGE
