@@ -188,13 +188,16 @@ class Dispatcher:
         if await connection.reset():
             destination.idle.append(connection)
             asyncio.get_running_loop().call_later(
-                self.config.delivery.reuse_time, self._expire, destination, connection)
+                self.config.delivery.reuse_time, self._expire, destination, connection,
+                connection.transactions)
         else:
             connection.close()
         return results
 
-    def _expire(self, destination: _Destination, connection: Connection) -> None:
-        if connection in destination.idle:
+    def _expire(self, destination: _Destination, connection: Connection, used: int) -> None:
+        """Close a connection idle since its ``used``-th transaction (a later one has
+        its own timer)."""
+        if connection.transactions == used and connection in destination.idle:
             destination.idle.remove(connection)
             task = asyncio.ensure_future(connection.quit())
             task.add_done_callback(lambda t: t.exception())

@@ -148,6 +148,8 @@ class QueueManager:
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
         self._listener: wakeup.Listener | None = None
+        self._unsettled: list[tuple[list[Outcome], str, asyncio.Future[None]]] = []
+        self._settler: asyncio.Task[None] | None = None
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -310,8 +312,7 @@ class QueueManager:
         """All attempts of a message in this pass ended: DSN, then record, then tidy."""
         try:
             dsn = await self._notify(run)
-            outcomes = [v.outcome for v in run.verdicts]
-            await self._index(self._record, outcomes, run.message.queue_id)
+            await self._settle([v.outcome for v in run.verdicts], run.message.queue_id)
         except (sqlite3.Error, OSError) as exc:
             maillog.error("queue-index", queue_id=run.message.queue_id, reason=str(exc),
                           note="the attempt will be repeated after a restart")
@@ -323,10 +324,35 @@ class QueueManager:
         for (claim, result, took), verdict in zip(run.log, run.verdicts, strict=True):
             _log_outcome(claim, result, verdict, took, now, dsn=dsn)
 
-    def _record(self, outcomes: list[Outcome], queue_id: str) -> None:
+    async def _settle(self, outcomes: list[Outcome], queue_id: str) -> None:
+        """Record a message's outcomes; the messages that end meanwhile share one
+        transaction (group commit), whose end this waits for."""
+        future = asyncio.get_running_loop().create_future()
+        self._unsettled.append((outcomes, queue_id, future))
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.create_task(self._settle_batches())
+        await future
+
+    async def _settle_batches(self) -> None:
+        while self._unsettled:
+            batch, self._unsettled = self._unsettled, []
+            outcomes = [outcome for item in batch for outcome in item[0]]
+            error: BaseException | None = None
+            try:
+                await self._index(self._settle_now, outcomes, [item[1] for item in batch])
+            except (sqlite3.Error, OSError) as exc:
+                error = exc
+            for _, _, future in batch:
+                if future.done():
+                    continue
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+    def _settle_now(self, outcomes: list[Outcome], queue_ids: list[str]) -> None:
         assert self._store is not None
-        self._store.record(outcomes)
-        for done in self._store.remove_finished([queue_id]):
+        for done in self._store.settle(outcomes, queue_ids):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.spool.messages, done))
             maillog.event("removed", queue_id=done)

@@ -10,7 +10,8 @@ Promises (DESIGN §2.2, §5):
   recipient leaves ``inflight`` for exactly one state (delivered, deferred with its next
   attempt, bounced, expired; ``held`` when the operator held the message meanwhile).
 - :meth:`QueueStore.remove_finished` deletes the rows of messages with no recipient
-  left to deliver and returns their ids (the caller removes the body files).
+  left to deliver and returns their ids (the caller removes the body files);
+  :meth:`QueueStore.settle` does both for many messages in one transaction.
 - Operator commands (hold, release, flush, cancel, remove) are single transactions,
   safe while the daemon runs (SQLite WAL; the daemon's manager is the only other writer
   of these rows).
@@ -116,29 +117,41 @@ class QueueStore:
 
     def record(self, outcomes: Iterable[Outcome]) -> None:
         with self._db:
-            self._db.executemany(
-                "UPDATE recipients SET state = CASE WHEN :state = 'deferred' AND "
-                "(SELECT state FROM messages WHERE id = :id) = 'held' THEN 'held' "
-                "ELSE :state END, attempts = :attempts, next_attempt = :next, "
-                "last_reply = :reply, status = :status, remote_mta = :mta, "
-                "last_attempt = :at, warned = :warned "
-                "WHERE message = :id AND idx = :idx AND state IN ('inflight', 'cancelled')",
-                [{"id": o.queue_id, "idx": o.index, "state": o.state, "attempts": o.attempts,
-                  "next": o.next_attempt, "reply": o.reply, "status": o.status,
-                  "mta": o.remote_mta, "at": o.at, "warned": int(o.warned)} for o in outcomes])
+            self._record(outcomes)
 
     def remove_finished(self, queue_ids: Iterable[str]) -> list[str]:
         """Delete the index rows of the given messages that have nothing left to do."""
+        with self._db:
+            return self._remove_finished(queue_ids)
+
+    def settle(self, outcomes: Iterable[Outcome], queue_ids: Iterable[str]) -> list[str]:
+        """:meth:`record` and :meth:`remove_finished` in one transaction (group commit)."""
+        with self._db:
+            self._record(outcomes)
+            return self._remove_finished(queue_ids)
+
+    def _record(self, outcomes: Iterable[Outcome]) -> None:
+        self._db.executemany(
+            "UPDATE recipients SET state = CASE WHEN :state = 'deferred' AND "
+            "(SELECT state FROM messages WHERE id = :id) = 'held' THEN 'held' "
+            "ELSE :state END, attempts = :attempts, next_attempt = :next, "
+            "last_reply = :reply, status = :status, remote_mta = :mta, "
+            "last_attempt = :at, warned = :warned "
+            "WHERE message = :id AND idx = :idx AND state IN ('inflight', 'cancelled')",
+            [{"id": o.queue_id, "idx": o.index, "state": o.state, "attempts": o.attempts,
+              "next": o.next_attempt, "reply": o.reply, "status": o.status,
+              "mta": o.remote_mta, "at": o.at, "warned": int(o.warned)} for o in outcomes])
+
+    def _remove_finished(self, queue_ids: Iterable[str]) -> list[str]:
         marks = ",".join("?" * len(OPEN_STATES))
         done = []
-        with self._db:
-            for queue_id in set(queue_ids):
-                busy = self._db.execute(
-                    f"SELECT 1 FROM recipients WHERE message = ? AND state IN ({marks}) LIMIT 1",
-                    (queue_id, *OPEN_STATES)).fetchone()
-                if busy is None:
-                    self._delete(queue_id)
-                    done.append(queue_id)
+        for queue_id in dict.fromkeys(queue_ids):
+            busy = self._db.execute(
+                f"SELECT 1 FROM recipients WHERE message = ? AND state IN ({marks}) LIMIT 1",
+                (queue_id, *OPEN_STATES)).fetchone()
+            if busy is None:
+                self._delete(queue_id)
+                done.append(queue_id)
         return done
 
     def next_due(self, actions: Sequence[str]) -> float | None:
