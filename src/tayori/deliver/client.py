@@ -35,7 +35,7 @@ import base64
 import contextlib
 import ssl
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from tayori.errors import Reply
@@ -285,13 +285,14 @@ class Connection:
                 replies.append(await self._read("MAIL/RCPT", timeouts.command))
                 if replies[0].code != 250:
                     break
-        mail = replies[0]
+        mail = _expect(replies[0], (250,), "MAIL")
         if mail.code != 250:
             results[:] = [_remote(mail)] * len(results)
             await self.reset()
             return
         accepted = []
-        for index, reply in enumerate(replies[1:]):
+        for index, raw in enumerate(replies[1:]):
+            reply = _expect(raw, (250, 251), "RCPT")
             if reply.code in (250, 251):
                 accepted.append(index)
             else:
@@ -300,8 +301,7 @@ class Connection:
             await self.reset()
             return
         for index, reply in zip(accepted, await self._content(tx, len(accepted)), strict=True):
-            results[index] = reply if reply.code == 250 else \
-                _remote(reply)
+            results[index] = _remote(_expect(reply, range(200, 300), "the data"))
 
     async def _content(self, tx: Transaction, accepted: int) -> list[Reply]:
         timeouts = self.settings.timeouts
@@ -316,7 +316,7 @@ class Connection:
         self._write(b"DATA\r\n")
         reply = await self._read("DATA", timeouts.data_start)
         if reply.code != 354:
-            return [reply] * accepted
+            return [_expect(reply, (354,), "DATA")] * accepted
         encoder = ContentEncoder(dot_stuff=True)
         for chunk in chunks:
             self._write(encoder.feed(chunk))
@@ -427,6 +427,14 @@ def _downgraded(path: str) -> bytes:
 
     with open(path, "rb") as handle:
         return downgrade.downgrade(handle.read())
+
+
+def _expect(reply: Reply, good: Container[int], stage: str) -> Reply:
+    """A failure stays as the server said it; a positive reply that this stage does not
+    allow (RFC 5321 §4.3.2) is a temporary error: nothing may count as delivered then."""
+    if reply.code >= 400 or reply.code in good:
+        return reply
+    return Reply(451, "4.5.0", f"unexpected reply to {stage}: {reply}")
 
 
 def _remote(reply: Reply) -> Reply:

@@ -90,7 +90,7 @@ def judge(claim: Claim, result: Result, now: float, config: Config,
         return bounce.RecipientReport(claim.address, action, status, claim.orcpt,
                                       result.remote_mta, text, now, until)
 
-    if reply.is_positive:
+    if 200 <= reply.code < 300:
         wants = notify is not None and "SUCCESS" in notify and not result.dsn_passed_on
         return Verdict(base, report("delivered" if result.final else "relayed")
                        if wants else None)

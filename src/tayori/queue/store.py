@@ -146,6 +146,8 @@ class QueueStore:
         marks = ",".join("?" * len(OPEN_STATES))
         done = []
         for queue_id in dict.fromkeys(queue_ids):
+            if not self.exists(queue_id):
+                continue
             busy = self._db.execute(
                 f"SELECT 1 FROM recipients WHERE message = ? AND state IN ({marks}) LIMIT 1",
                 (queue_id, *OPEN_STATES)).fetchone()
@@ -194,8 +196,15 @@ class QueueStore:
                 "UPDATE recipients SET next_attempt = ? WHERE state IN ('queued', 'deferred')"
                 + where, (now, queue_id) if queue_id else (now,)).rowcount
 
+    def inflight(self, queue_id: str) -> int:
+        """Recipients of the message in an attempt right now."""
+        row = self._db.execute("SELECT COUNT(*) FROM recipients WHERE message = ? "
+                               "AND state = 'inflight'", (queue_id,)).fetchone()
+        return int(row[0])
+
     def cancel(self, queue_id: str) -> int:
-        """Delete with a DSN: the manager reports the undelivered recipients as failed."""
+        """Delete with a DSN: the manager reports the undelivered recipients as failed.
+        Recipients in an attempt are not touched (the caller checks :meth:`inflight`)."""
         with self._db:
             self._db.execute("UPDATE messages SET state = 'queued' WHERE id = ?", (queue_id,))
             return self._db.execute(

@@ -47,6 +47,8 @@ class ReplyReader:
         self._buffer += data
         replies = []
         while (end := self._buffer.find(b"\n")) >= 0:
+            if end > MAX_REPLY_LINE:
+                raise ProtocolError("reply line too long")
             raw = bytes(self._buffer[:end]).rstrip(b"\r")
             del self._buffer[:end + 1]
             reply = self._line(raw)
@@ -81,7 +83,7 @@ def _reply(code: int, lines: list[str]) -> Reply:
     match = _STATUS.match(lines[0])
     if match and match.group(1) == str(code)[0]:
         status = lines[0][:match.end()].strip()
-        if all(line.startswith(status) for line in lines):
+        if all(line == status or line.startswith(status + " ") for line in lines):
             return Reply(code, status, "\n".join(line[len(status):].lstrip() for line in lines))
     return Reply(code, None, "\n".join(lines))
 
@@ -142,7 +144,8 @@ def mail_command(sender: str, options: MailOptions, caps: Capabilities) -> bytes
     params = []
     if caps.size is not None:
         params.append(f"SIZE={options.size}")
-    if options.body != "7BIT" and (caps.eightbitmime or caps.binarymime):
+    if (options.body == "8BITMIME" and caps.eightbitmime) or \
+            (options.body == "BINARYMIME" and caps.binarymime):
         params.append(f"BODY={options.body}")
     if options.smtputf8 and caps.smtputf8:
         params.append("SMTPUTF8")
