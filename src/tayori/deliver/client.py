@@ -265,7 +265,8 @@ class Connection:
         if options.smtputf8 and not caps.smtputf8:
             return Reply(553, "5.6.7", f"the message needs SMTPUTF8, which {who} does not "
                          "support")
-        if options.body == "BINARYMIME" and not (caps.chunking and caps.binarymime):
+        if options.body == "BINARYMIME" and (self.settings.lmtp or not (
+                caps.chunking and caps.binarymime)):
             return Reply(554, "5.6.3", f"the message is binary (BINARYMIME), which {who} "
                          "cannot take")
         return None
@@ -312,7 +313,7 @@ class Connection:
         else:
             chunks = _read_chunks(tx.path)
         if self.caps.chunking and not self.settings.lmtp:
-            return [await self._bdat(chunks)]
+            return [await self._bdat(chunks, binary=body == "BINARYMIME")] * accepted
         self._write(b"DATA\r\n")
         reply = await self._read("DATA", timeouts.data_start)
         if reply.code != 354:
@@ -322,23 +323,26 @@ class Connection:
             self._write(encoder.feed(chunk))
             await self._drain()
         self._write(encoder.end())
+        if not self.settings.lmtp:   # SMTP: one reply for every accepted recipient
+            return [await self._read("the end of data", timeouts.data_end)] * accepted
         return [await self._read("the end of data", timeouts.data_end)
-                for _ in range(accepted if self.settings.lmtp else 1)]
+                for _ in range(accepted)]
 
-    async def _bdat(self, chunks: Iterable[bytes]) -> Reply:
+    async def _bdat(self, chunks: Iterable[bytes], *, binary: bool) -> Reply:
         """Chunks as BDAT commands, sent back to back (RFC 3030 §4.2 allows it);
-        the reply to the last is the outcome unless an earlier one refused."""
+        the reply to the last is the outcome unless an earlier one refused. A binary
+        body (BINARYMIME) goes as it is; text gets CRLF line ends."""
         encoder = ContentEncoder(dot_stuff=False)
         sent = 0
         previous = b""
         for chunk in chunks:
             data = previous
-            previous = encoder.feed(chunk)
+            previous = chunk if binary else encoder.feed(chunk)
             if data:
                 self._write(b"BDAT %d\r\n" % len(data) + data)
                 sent += 1
                 await self._drain()
-        data = previous + encoder.end()
+        data = previous + (b"" if binary else encoder.end())
         self._write(b"BDAT %d LAST\r\n" % len(data) + data)
         replies = [await self._read("BDAT", self.settings.timeouts.data_end)
                    for _ in range(sent + 1)]

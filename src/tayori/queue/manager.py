@@ -59,6 +59,7 @@ DELIVERABLE = ("mx", "relay", "lmtp")
 DEFAULT_DELAY_WARNING = 4 * 3600.0   # with NOTIFY=DELAY and no queue.delay_warning
 IDLE_POLL = 60.0                      # look at the index at least this often
 ERROR_PAUSE = 5.0
+DSN_RETRY = 60.0                      # a DSN that could not be queued: attempt again
 JITTER = 0.1
 T = TypeVar("T")
 
@@ -107,6 +108,17 @@ def judge(claim: Claim, result: Result, now: float, config: Config,
     return Verdict(deferred, None)
 
 
+def _without_report(verdict: Verdict, retry_at: float) -> Verdict:
+    """A verdict whose DSN could not be queued: the recipient waits for another attempt
+    (and another DSN) instead of ending unreported."""
+    if verdict.report is None:
+        return verdict
+    if verdict.outcome.state == "delivered":   # a success notice is not worth a resend
+        return Verdict(verdict.outcome, None)
+    return Verdict(replace(verdict.outcome, state="deferred", next_attempt=retry_at,
+                           warned=False), None)
+
+
 def _warn_after(notify: tuple[str, ...] | None, config: Config) -> float | None:
     if notify is None:
         return config.queue.delay_warning or None
@@ -128,6 +140,7 @@ class _Pass:
 
     message: QueuedMessage
     pending: int
+    seed: float    # one retry jitter per pass: deferred together, retried together
     verdicts: list[Verdict] = field(default_factory=list)
     log: list[tuple[Claim, Result, float]] = field(default_factory=list)
 
@@ -250,7 +263,7 @@ class QueueManager:
         self._active += len(claims)
         for group in by_message.values():
             jobs = self._jobs(group)
-            run = _Pass(group[0].message, len(jobs))
+            run = _Pass(group[0].message, len(jobs), self.rng.random())
             for job, members in jobs:
                 self._spawn(self._attempt(run, job, members))
 
@@ -290,7 +303,8 @@ class QueueManager:
             results = [Result(Reply(451, "4.3.0", "local error in processing"))] * len(claims)
         now = self.clock()
         for claim, result in zip(claims, results, strict=True):
-            run.verdicts.append(judge(claim, result, now, self.config, self.rng))
+            run.verdicts.append(judge(claim, result, now, self.config,
+                                      random.Random(run.seed)))
             run.log.append((claim, result, now - started))
         run.pending -= 1
         if run.pending == 0:
@@ -309,20 +323,26 @@ class QueueManager:
         return out
 
     async def _conclude(self, run: _Pass) -> None:
-        """All attempts of a message in this pass ended: DSN, then record, then tidy."""
+        """All attempts of a message in this pass ended: DSN, log, then record."""
         try:
-            dsn = await self._notify(run)
+            try:
+                dsn = await self._notify(run)
+            except (sqlite3.Error, OSError) as exc:  # no DSN now: try those again later
+                maillog.error("dsn-failed", queue_id=run.message.queue_id, reason=str(exc),
+                              retry_in=DSN_RETRY)
+                dsn = None
+                run.verdicts = [_without_report(v, self.clock() + DSN_RETRY)
+                                for v in run.verdicts]
+            now = self.clock()
+            for (claim, result, took), verdict in zip(run.log, run.verdicts, strict=True):
+                _log_outcome(claim, result, verdict, took, now, dsn=dsn)
             await self._settle([v.outcome for v in run.verdicts], run.message.queue_id)
         except (sqlite3.Error, OSError) as exc:
             maillog.error("queue-index", queue_id=run.message.queue_id, reason=str(exc),
                           note="the attempt will be repeated after a restart")
-            dsn = None
         finally:
             self._active -= len(run.verdicts)
             self._wake.set()
-        now = self.clock()
-        for (claim, result, took), verdict in zip(run.log, run.verdicts, strict=True):
-            _log_outcome(claim, result, verdict, took, now, dsn=dsn)
 
     async def _settle(self, outcomes: list[Outcome], queue_id: str) -> None:
         """Record a message's outcomes; the messages that end meanwhile share one
