@@ -393,3 +393,18 @@ def test_smarthost_with_auth(make_tayori: Callable[..., Tayori]) -> None:
     assert received[0][0] == "alice@sender.test"
     assert body_of(received[0][1].replace(b"\n", b"\r\n").replace(b"\r\r\n", b"\r\n")) \
         == MESSAGE
+
+
+def test_failed_bounce_goes_to_the_postmaster_once(mta: Callable[..., Tayori],
+                                                   peers: Callable[..., SmtpPeer]) -> None:
+    """A DSN that cannot be delivered is reported to queue.postmaster; if that report
+    fails as well, it is logged and dropped: never a loop."""
+    peers("127.0.0.2", rcpt_reply=lambda address: Reply(550, "5.1.1", "unknown"))
+    postmaster_mx = peers("127.0.0.4", rcpt_reply=lambda address: (
+        None if address == "postmaster@sender.test" else Reply(550, "5.1.1", "gone")))
+    tayori = mta(queue={"postmaster": "postmaster@sender.test"})
+    submit(tayori, ["bob@dest.test"])
+    [notice] = postmaster_mx.wait_for_messages(1)
+    assert notice.sender == "" and notice.recipients == ("postmaster@sender.test",)
+    wait_for(lambda: queue_empty(tayori), what="the queue to empty")
+    assert len(postmaster_mx.messages) == 1

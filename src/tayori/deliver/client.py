@@ -38,6 +38,7 @@ import time
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from tayori.deliver import downgrade
 from tayori.errors import Reply
 from tayori.receive.tls import TlsInfo, info_of
 from tayori.smtp.client import (
@@ -427,8 +428,6 @@ def _server_name(host: str) -> str | None:
 
 
 def _downgraded(path: str) -> bytes:
-    from tayori.deliver import downgrade  # only a peer without 8BITMIME needs it
-
     with open(path, "rb") as handle:
         return downgrade.downgrade(handle.read())
 

@@ -384,19 +384,23 @@ class QueueManager:
         if not reports:
             return None
         message = run.message
-        recipient = message.sender or self._double_bounce_address(message)
+        recipient = message.sender or self._double_bounce_address(message, reports)
         if recipient is None:
             return None
         return await self._queue_dsn(message, tuple(reports), recipient)
 
-    def _double_bounce_address(self, message: QueuedMessage) -> str | None:
+    def _double_bounce_address(self, message: QueuedMessage,
+                               reports: list[bounce.RecipientReport]) -> str | None:
+        """Where a failed message from ``<>`` (a bounce) is reported: the postmaster,
+        unless it was the postmaster's own notice that failed."""
         postmaster = self.config.queue.postmaster
-        if not postmaster or message.protocol == "dsn":
-            maillog.warning("dsn-dropped", queue_id=message.queue_id,
-                            reason="the failed message had the null sender <>" +
-                            ("" if postmaster else "; queue.postmaster is not set"))
-            return None
-        return postmaster
+        if postmaster and not any(r.address == postmaster for r in reports):
+            return postmaster
+        maillog.warning("dsn-dropped", queue_id=message.queue_id,
+                        reason="the failed message had the null sender <>; " +
+                        ("it was for the postmaster" if postmaster else
+                         "queue.postmaster is not set"))
+        return None
 
     async def _queue_dsn(self, message: QueuedMessage, reports: tuple[bounce.RecipientReport,
                          ...], recipient: str) -> str | None:
