@@ -186,6 +186,8 @@ class QueueManager:
         requeued = await self._index(self._store.requeue_inflight)
         if requeued:
             maillog.event("requeued", recipients=requeued, reason="attempts cut short")
+        for queue_id in await self._index(self._store.sweep):
+            self._remove_body(queue_id)
         waiting = sorted(name for name, action in self.config.actions.items()
                          if action.deliver not in DELIVERABLE)
         if waiting:
@@ -373,9 +375,12 @@ class QueueManager:
     def _settle_now(self, outcomes: list[Outcome], queue_ids: list[str]) -> None:
         assert self._store is not None
         for done in self._store.settle(outcomes, queue_ids):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.spool.messages, done))
-            maillog.event("removed", queue_id=done)
+            self._remove_body(done)
+
+    def _remove_body(self, queue_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.spool.messages, queue_id))
+        maillog.event("removed", queue_id=queue_id)
 
     # --- DSNs -------------------------------------------------------------------------
 

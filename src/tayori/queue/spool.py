@@ -298,7 +298,7 @@ class Spool:
         for name in orphans:
             os.unlink(os.path.join(self.messages, name))
         missing = tuple(sorted(q for q in states.keys() - on_disk if states[q] != "corrupt"))
-        with db:
+        with transaction(db):
             db.executemany("UPDATE messages SET state = 'corrupt' WHERE id = ?",
                            [(q,) for q in missing])
             requeued = db.execute("UPDATE recipients SET state = 'queued' "
@@ -347,6 +347,21 @@ def _migrate(db: sqlite3.Connection) -> None:
     for name, declaration in _ADDED_COLUMNS.items():
         if name not in columns:
             db.execute(f"ALTER TABLE recipients ADD COLUMN {name} {declaration}")
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One SQLite transaction. The connections are in autocommit mode
+    (``isolation_level=None``), where ``with db:`` opens no transaction at all: every
+    statement would commit (and fsync the WAL) on its own."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -407,7 +422,7 @@ class _Committer:
     def _commit(self, batch: list[_Commit]) -> None:
         try:
             _fsync_dir(self._messages_dir)  # the renames of the whole batch, at once
-            with self._db:
+            with transaction(self._db):
                 for item in batch:
                     _insert(self._db, item.envelope)
         except (OSError, sqlite3.Error) as exc:

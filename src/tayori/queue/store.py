@@ -26,7 +26,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from tayori.queue.spool import connect
+from tayori.queue.spool import connect, transaction
 
 DUE_STATES = ("queued", "deferred")
 OPEN_STATES = ("queued", "deferred", "inflight", "held", "cancelled")
@@ -92,15 +92,28 @@ class QueueStore:
 
     def requeue_inflight(self) -> int:
         """At the manager's start: attempts that a dead manager left unfinished."""
-        with self._db:
+        with transaction(self._db):
             return self._db.execute("UPDATE recipients SET state = 'queued' "
                                     "WHERE state = 'inflight'").rowcount
+
+    def sweep(self) -> list[str]:
+        """At the manager's start: messages with nothing left to do (an older tayori
+        could leave such rows) leave the index; returns their ids."""
+        marks = ",".join("?" * len(OPEN_STATES))
+        with transaction(self._db):
+            idle = [row[0] for row in self._db.execute(
+                "SELECT id FROM messages m WHERE state != 'corrupt' AND NOT EXISTS "
+                f"(SELECT 1 FROM recipients r WHERE r.message = m.id AND r.state IN ({marks}))",
+                OPEN_STATES)]
+            for queue_id in idle:
+                self._delete(queue_id)
+        return idle
 
     def claim(self, now: float, limit: int, actions: Sequence[str]) -> list[Claim]:
         if limit <= 0 or not actions:
             return []
         marks = ",".join("?" * len(actions))
-        with self._db:
+        with transaction(self._db):
             rows = self._db.execute(
                 "SELECT r.*, m.sender, m.size, m.body_type, m.smtputf8, m.ret, m.envid, "
                 "m.received_at, m.client_address, m.helo, m.protocol FROM recipients r "
@@ -116,17 +129,17 @@ class QueueStore:
         return [_claim(row, messages) for row in rows]
 
     def record(self, outcomes: Iterable[Outcome]) -> None:
-        with self._db:
+        with transaction(self._db):
             self._record(outcomes)
 
     def remove_finished(self, queue_ids: Iterable[str]) -> list[str]:
         """Delete the index rows of the given messages that have nothing left to do."""
-        with self._db:
+        with transaction(self._db):
             return self._remove_finished(queue_ids)
 
     def settle(self, outcomes: Iterable[Outcome], queue_ids: Iterable[str]) -> list[str]:
         """:meth:`record` and :meth:`remove_finished` in one transaction (group commit)."""
-        with self._db:
+        with transaction(self._db):
             self._record(outcomes)
             return self._remove_finished(queue_ids)
 
@@ -174,14 +187,14 @@ class QueueStore:
                                 (queue_id,)).fetchone() is not None
 
     def hold(self, queue_id: str) -> int:
-        with self._db:
+        with transaction(self._db):
             self._db.execute("UPDATE messages SET state = 'held' WHERE id = ? "
                              "AND state = 'queued'", (queue_id,))
             return self._db.execute("UPDATE recipients SET state = 'held' WHERE message = ? "
                                     "AND state IN ('queued', 'deferred')", (queue_id,)).rowcount
 
     def release(self, queue_id: str, now: float) -> int:
-        with self._db:
+        with transaction(self._db):
             self._db.execute("UPDATE messages SET state = 'queued' WHERE id = ? "
                              "AND state = 'held'", (queue_id,))
             return self._db.execute("UPDATE recipients SET state = 'queued', next_attempt = ? "
@@ -191,7 +204,7 @@ class QueueStore:
     def flush(self, queue_id: str | None, now: float) -> int:
         """Make waiting recipients due now (of one message, or all)."""
         where = " AND message = ?" if queue_id else ""
-        with self._db:
+        with transaction(self._db):
             return self._db.execute(
                 "UPDATE recipients SET next_attempt = ? WHERE state IN ('queued', 'deferred')"
                 + where, (now, queue_id) if queue_id else (now,)).rowcount
@@ -205,7 +218,7 @@ class QueueStore:
     def cancel(self, queue_id: str) -> int:
         """Delete with a DSN: the manager reports the undelivered recipients as failed.
         Recipients in an attempt are not touched (the caller checks :meth:`inflight`)."""
-        with self._db:
+        with transaction(self._db):
             self._db.execute("UPDATE messages SET state = 'queued' WHERE id = ?", (queue_id,))
             return self._db.execute(
                 "UPDATE recipients SET state = 'cancelled' WHERE message = ? "
@@ -213,7 +226,7 @@ class QueueStore:
 
     def remove(self, queue_id: str) -> None:
         """Delete without a DSN (index rows now; the caller removes the body file)."""
-        with self._db:
+        with transaction(self._db):
             self._delete(queue_id)
 
     def _delete(self, queue_id: str) -> None:

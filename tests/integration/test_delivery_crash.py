@@ -1,0 +1,272 @@
+"""Crash safety while delivering: tayori killed with SIGKILL again and again while its
+queue manager relays mail loses nothing it acknowledged, and repeats only what was in
+flight (DESIGN §2.2: at-least-once).
+
+The sink is a :class:`~tayori.testing.peer.SmtpPeer` on a free 127.0.0.1 port, reached by
+tayori's ``remote`` action as a ``relay`` (no DNS, no port 25). Load: client threads send
+messages with two recipients each, continuously, and record the Message-ID of each one
+acknowledged by a complete ``250`` line. tayori (``queue.max_active`` small, so at most a
+few recipients are in flight at any time) is killed with SIGKILL a dozen times, each time
+after a seeded random number of deliveries since its start plus a seeded random pause,
+and restarted on the same spool. Right after each kill (once the spool lock is free: the
+workers are gone too) the index is read: its ``inflight`` recipients are the only ones
+that may reach the sink twice. At the end, after a final restart without load: every
+acknowledged message reached the sink once for each recipient, with the bytes sent
+(after tayori's Received header); every extra copy of a (message, recipient) is matched
+by a kill during which that recipient was in flight; the queue and the spool are empty.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from harness import Client, Reply, Tayori, wait_for
+from tayori.testing.peer import SmtpPeer
+
+pytestmark = [pytest.mark.slow]
+MakeTayori = Callable[..., Tayori]
+
+KILLS = 12
+CLIENTS = 3
+MAX_ACTIVE = 6          # recipients in flight at once: the window a kill may repeat
+SEED = 20261128
+SENDER = "crash@sender.test"
+RECIPIENTS = ("one@dest.test", "two@other.test")
+MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>\r$", re.MULTILINE | re.IGNORECASE)
+
+
+def message(client: int, seq: int) -> tuple[str, bytes]:
+    token = f"{client}.{seq}@delivery-crash.test"
+    head = (f"From: <{SENDER}>\r\nTo: <{RECIPIENTS[0]}>, <{RECIPIENTS[1]}>\r\n"
+            f"Message-ID: <{token}>\r\nSubject: delivery crash {client}-{seq}\r\n\r\n").encode()
+    line = (f"{client}-{seq} " + "0123456789" * 8)[:78].encode() + b"\r\n"
+    body = line * (5 + (seq * 7) % 40) + b".a line that needs dot-stuffing\r\n"
+    return token, head + body + f"last line of {client}-{seq}\r\n".encode()
+
+
+class WholeLineClient(Client):
+    """A client that refuses truncated replies: a reply line cut by the kill is not a 250."""
+
+    def reply(self) -> Reply:
+        lines = []
+        while True:
+            raw = self.file.readline(4096)
+            if not raw.endswith(b"\r\n"):
+                raise ConnectionError(f"connection lost mid-reply: {raw!r}")
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            code, sep, rest = int(text[:3]), text[3:4], text[4:]
+            lines.append(rest)
+            if sep != "-":
+                return Reply(code, lines)
+
+
+@dataclass
+class Load:
+    server: Tayori
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    acked: dict[str, bytes] = field(default_factory=dict)   # Message-ID -> message sent
+    attempted: dict[str, bytes] = field(default_factory=dict)  # every message begun
+    errors: list[str] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.acked)
+
+    def start(self) -> None:
+        for n in range(CLIENTS):
+            thread = threading.Thread(target=self._run, args=(n,), name=f"load-{n}")
+            thread.start()
+            self.threads.append(thread)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+            assert not thread.is_alive(), f"{thread.name} is stuck"
+
+    def _run(self, n: int) -> None:
+        seq = 0
+        while not self.stop.is_set():
+            try:
+                with WholeLineClient(self.server.host, self.server.port, timeout=10) as client:
+                    client.greeting_and_ehlo()
+                    while not self.stop.is_set():
+                        seq += 1
+                        token, data = message(n, seq)
+                        with self.lock:
+                            self.attempted[token] = data
+                        self._send(client, data)
+                        with self.lock:
+                            self.acked[token] = data
+            except OSError:  # killed: connection refused, reset, closed or timed out
+                self.stop.wait(0.01)
+            except Exception as exc:  # a wrong reply: the test fails with it
+                with self.lock:
+                    self.errors.append(f"client {n} message {seq}: {exc!r}")
+                return
+
+    @staticmethod
+    def _send(client: Client, data: bytes) -> None:
+        client.expect_cmd(f"MAIL FROM:<{SENDER}>", 250)
+        for rcpt in RECIPIENTS:
+            client.expect_cmd(f"RCPT TO:<{rcpt}>", 250)
+        client.expect_cmd("DATA", 354)
+        client.send(data.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        reply = client.reply()
+        assert reply.code == 250, f"DATA: {reply}"
+
+
+def wait_spool_free(server: Tayori) -> None:
+    """Until no process of the killed tayori holds the spool lock (its workers die with
+    the supervisor, but not in the same instant)."""
+    fd = os.open(server.spool / "lock", os.O_RDWR)
+    try:
+        def free() -> bool:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return True
+        wait_for(free, what="the killed tayori's workers to exit")
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Kills:
+    """The kills so far, and what each left in flight in the index."""
+
+    at_kill: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    inflight: list[int] = field(default_factory=list)
+
+    def kill(self, server: Tayori) -> None:
+        """SIGKILL; once its workers are gone too, note the recipients in flight: the only
+        ones the next start may deliver a second time."""
+        server.kill()
+        wait_spool_free(server)
+        left = [((env.message_id or "").strip("<>"), r.address)
+                for env in server.envelopes() for r in env.recipients
+                if r.state == "inflight"]
+        assert len(left) <= MAX_ACTIVE, f"{len(left)} in flight: the window is not bounded"
+        self.at_kill.update(left)
+        self.inflight.append(len(left))
+
+
+def token_of(data: bytes) -> str:
+    match = MESSAGE_ID.search(data)
+    assert match, data[:300]
+    return match.group(1).decode()
+
+
+def without_received(data: bytes) -> bytes:
+    match = re.match(rb"Received: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*", data)
+    assert match, data[:200]
+    return data[match.end():]
+
+
+def log_errors(server: Tayori) -> list[str]:
+    """tayori's error lines so far (its log survives the restarts)."""
+    return [line[:1500] for line in server.log().splitlines() if "Z error " in line]
+
+
+def kill_under_load(server: Tayori, sink: SmtpPeer, load: Load, kills: Kills) -> None:
+    """KILLS times: a seeded number of deliveries after the start, a seeded pause, SIGKILL,
+    restart; then the load stops and tayori is killed once more, without load."""
+    rng = random.Random(SEED)
+    load.start()
+    try:
+        for kill in range(KILLS):
+            target = len(sink.transactions) + rng.randint(10, 100)
+            wait_for(lambda t=target: len(sink.transactions) >= t or load.errors,
+                     timeout=30, interval=0.002, what=f"deliveries before kill {kill}")
+            assert not load.errors, (load.errors, log_errors(server)[:3])
+            time.sleep(rng.uniform(0, 0.03))
+            kills.kill(server)
+            server.start()
+        wait_for(lambda: load.count() >= KILLS * 20 or load.errors, timeout=30,
+                 what="more acknowledged messages")
+    finally:
+        load.finish()
+    assert not load.errors, (load.errors, log_errors(server)[:3])
+    kills.kill(server)
+
+
+def wait_all_delivered(server: Tayori, sink: SmtpPeer, acked: dict[str, bytes]) -> None:
+    """Until the sink has every acknowledged message for every recipient and the queue
+    is empty."""
+    wanted = {(token, rcpt) for token in acked for rcpt in RECIPIENTS}
+
+    def delivered() -> set[tuple[str, str]]:
+        return {(token_of(m.data), rcpt) for m in sink.messages for rcpt in m.recipients}
+
+    try:
+        wait_for(lambda: wanted <= delivered() and not server.envelopes(), timeout=30,
+                 interval=0.1, what="every acknowledged message at the sink, queue empty")
+    except AssertionError:
+        lost = sorted(wanted - delivered())
+        stuck = [(env.message_id, env.state, [(r.address, r.state, r.last_reply)
+                                              for r in env.recipients])
+                 for env in server.envelopes()]
+        raise AssertionError(f"{len(lost)} acknowledged deliveries missing, e.g. {lost[:5]}; "
+                             f"{len(stuck)} messages still queued, e.g. {stuck[:5]}") from None
+    errors = log_errors(server)
+    assert not errors, f"{len(errors)} errors in tayori's log, e.g. {errors[:3]}"
+    assert os.listdir(server.spool / "messages") == [], "body files left after delivery"
+
+
+def test_sigkill_while_delivering_loses_nothing_repeats_only_inflight(
+        make_tayori: MakeTayori) -> None:
+    started = time.monotonic()
+    kills = Kills()
+    with SmtpPeer("127.0.0.1", 0) as sink:
+        server = make_tayori(
+            deliver=True, limits={"drain_timeout": 1},
+            queue={"max_active": MAX_ACTIVE, "retry": ["1s"]},
+            remote={"deliver": "relay", "host": f"[127.0.0.1]:{sink.port}", "tls": "none"})
+        load = Load(server)
+        kill_under_load(server, sink, load, kills)
+        server.start()  # the final restart
+        wait_all_delivered(server, sink, load.acked)
+    messages = sink.messages
+
+    copies: collections.Counter[tuple[str, str]] = collections.Counter()
+    split = 0
+    for got in messages:
+        token = token_of(got.data)
+        sent = load.attempted.get(token)
+        assert sent is not None, f"the sink got a message nobody sent: {token}"
+        assert got.sender == SENDER, token
+        # one transaction for both, unless the active window cut the claim between them
+        assert got.recipients and set(got.recipients) <= set(RECIPIENTS), got.recipients
+        split += len(got.recipients) < len(RECIPIENTS)
+        assert without_received(got.data) == sent, f"{token}: bytes changed on the way"
+        copies.update((token, rcpt) for rcpt in got.recipients)
+    duplicates = {key: n - 1 for key, n in copies.items() if n > 1}
+    unexplained = {key: n for key, n in duplicates.items() if n > kills.at_kill[key]}
+    assert not unexplained, ("delivered more than once without being in flight at a kill: "
+                             f"{sorted(unexplained.items())[:5]}")
+    extra = sum(duplicates.values())
+    assert extra <= sum(kills.inflight) <= len(kills.inflight) * MAX_ACTIVE
+    assert sum(1 for n in kills.inflight if n) >= KILLS // 4, (
+        f"too few kills hit deliveries in flight: {kills.inflight}")
+    unacked = len({t for t, _ in copies} - load.acked.keys())
+    print(f"\nkills: {len(kills.inflight)} (recipients in flight at each: {kills.inflight}); "
+          f"acknowledged: {len(load.acked)} messages x {len(RECIPIENTS)} recipients; "
+          f"delivered: {len(messages)} transactions ({split} with one recipient), "
+          f"{sum(copies.values())} recipient deliveries; duplicates: {extra} recipient "
+          f"deliveries of {len(duplicates)} (message, recipient) pairs, at most "
+          f"{sum(kills.inflight)} (in flight at the kills); delivered but not acknowledged "
+          f"(a kill cut the 250 off): {unacked}; {time.monotonic() - started:.1f} s")
