@@ -292,12 +292,14 @@ class Accepted:
         return self.cpu / self.messages
 
 
-def smtp_source(port: int, count: int, size: int, sessions: int) -> tuple[int, float]:
-    """Run smtp-source; returns (messages acknowledged, wall seconds)."""
+def smtp_source(port: int, count: int, size: int, sessions: int, *,
+                to: str = "u@tayori.test", recipients: int = 1) -> tuple[int, float]:
+    """Run smtp-source; returns (messages acknowledged, wall seconds). With
+    ``recipients`` above 1, smtp-source numbers them: 1u@..., 2u@..."""
     started = time.monotonic()
     result = subprocess.run(
         [SMTP_SOURCE, "-c", "-s", str(sessions), "-m", str(count), "-l", str(size),
-         "-f", "bench@source.test", "-t", "u@tayori.test", f"127.0.0.1:{port}"],
+         "-r", str(recipients), "-f", "bench@source.test", "-t", to, f"127.0.0.1:{port}"],
         capture_output=True, timeout=3600, check=False)
     seconds = time.monotonic() - started
     if result.returncode != 0:
