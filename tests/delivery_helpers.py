@@ -141,11 +141,19 @@ def parse_dsn(data: bytes) -> email.message.EmailMessage:
     return parsed
 
 
-def dsn_recipients(dsn: email.message.EmailMessage) -> list[email.message.Message]:
-    """The per-recipient field groups of a DSN's message/delivery-status part."""
-    status = dsn.get_payload()[1]
+def dsn_fields(dsn: email.message.EmailMessage) -> list[email.message.Message]:
+    """The field groups of a DSN's message/delivery-status part: the per-message group,
+    then one per recipient."""
+    _human, status, *_original = dsn.iter_parts()
     assert status.get_content_type() == "message/delivery-status"
-    return list(status.get_payload()[1:])
+    groups = status.get_payload()
+    assert isinstance(groups, list)
+    return [group for group in groups if isinstance(group, email.message.Message)]
+
+
+def dsn_recipients(dsn: email.message.EmailMessage) -> list[email.message.Message]:
+    """The per-recipient field groups of a DSN."""
+    return dsn_fields(dsn)[1:]
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ class Target:
 
     def describe(self) -> str:
         if self.port == 0:
-            return f"{self.host}[{self.address}]"
+            return f"unix:{self.address}"
         return f"{self.host}[{self.address}]:{self.port}"
 
 
@@ -135,6 +135,7 @@ class Connection:
         self.tls: TlsInfo | None = None
         self.broken = False
         self.transactions = 0
+        self.server_name = ""
 
     # --- opening ----------------------------------------------------------------------
 
@@ -169,6 +170,8 @@ class Connection:
         greeting = await self._expect_hop("greeting", self.settings.timeouts.greeting)
         if greeting.code != 220:
             raise HopError(_remote(greeting))
+        words = greeting.text.split()
+        self.server_name = words[0] if words else ""   # RFC 5321 §4.2: the server's domain
         await self._hello()
         policy = self.settings.tls if use_tls and not self.settings.lmtp else "none"
         if policy in ("encrypt", "verify") and not self.caps.starttls:

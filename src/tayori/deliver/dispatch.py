@@ -180,7 +180,9 @@ class Dispatcher:
     async def _finish(self, connection: Connection, destination: _Destination,
                       replies: list[Reply]) -> list[Result]:
         tls = connection.tls
-        results = [Result(reply, connection.target.host, connection.target.describe(),
+        target = connection.target   # a unix socket's path is no name for Remote-MTA
+        remote = target.host if target.port else (connection.server_name or None)
+        results = [Result(reply, remote, target.describe(),
                           f"{tls.version} {tls.cipher}" if tls else None,
                           dsn_passed_on=connection.caps.dsn and reply.is_positive,
                           final=connection.settings.lmtp and reply.is_positive)
