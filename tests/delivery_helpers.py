@@ -14,7 +14,6 @@ import email.policy
 import re
 import shutil
 import socket
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from harness import SHARED, Tayori, queued_id, which_peer
+from harness import SHARED, Tayori, queued_id
 
 MakeTayori = Callable[..., Tayori]
 
@@ -154,23 +153,6 @@ def dsn_fields(dsn: email.message.EmailMessage) -> list[email.message.Message]:
 def dsn_recipients(dsn: email.message.EmailMessage) -> list[email.message.Message]:
     """The per-recipient field groups of a DSN."""
     return dsn_fields(dsn)[1:]
-
-
-@dataclass(frozen=True)
-class SourceRun:
-    returncode: int
-    counter: int
-    stderr: str
-
-
-def smtp_source(port: int, *args: str, timeout: float = 60) -> SourceRun:
-    """Postfix's smtp-source against 127.0.0.1:port, with its counter (``-c``)."""
-    program = which_peer("smtp-source")
-    result = subprocess.run([program, "-c", *args, f"127.0.0.1:{port}"], capture_output=True,
-                            timeout=timeout, check=False)
-    numbers = [p for p in result.stdout.decode().replace("\r", "\n").split() if p.isdigit()]
-    return SourceRun(result.returncode, int(numbers[-1]) if numbers else 0,
-                     result.stderr.decode(errors="replace"))
 
 
 def sink_sessions(text: str) -> int:

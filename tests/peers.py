@@ -796,3 +796,20 @@ def _rdata(rtype: str, value: RecordValue) -> str:
     if rtype in ("CNAME", "NS", "PTR"):
         return _fqdn(value)
     return value
+
+
+@dataclass(frozen=True)
+class SourceRun:
+    returncode: int
+    counter: int
+    stderr: str
+
+
+def smtp_source(port: int, *args: str, timeout: float = 240) -> SourceRun:
+    """Postfix's smtp-source against 127.0.0.1:port, with its counter (``-c``)."""
+    program = which_peer("smtp-source")
+    result = subprocess.run([program, "-c", *args, f"127.0.0.1:{port}"], capture_output=True,
+                            timeout=timeout, check=False)
+    numbers = [p for p in result.stdout.decode().replace("\r", "\n").split() if p.isdigit()]
+    return SourceRun(result.returncode, int(numbers[-1]) if numbers else 0,
+                     result.stderr.decode(errors="replace"))

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pytest
 
-from harness import Client, Reply, Tayori, queued_id, strip_received, wait_for, which_peer
+from harness import Client, Tayori, queued_id, strip_received, wait_for, which_peer
+from load import ClientLoad, sent
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 MakeTayori = Callable[..., Tayori]
@@ -42,79 +41,13 @@ def message(client: int, seq: int) -> bytes:
     return head + line * lines + f"last line of {client}-{seq}\r\n".encode()
 
 
-class WholeLineClient(Client):
-    """A client that refuses truncated replies: a reply line cut by the kill is not a 250."""
+class Load(ClientLoad):
+    """Numbered messages; ``acked`` maps each acknowledged queue id to (client, seq)."""
 
-    def reply(self) -> Reply:
-        lines = []
-        while True:
-            raw = self.file.readline(4096)
-            if not raw.endswith(b"\r\n"):
-                raise ConnectionError(f"connection lost mid-reply: {raw!r}")
-            text = raw.decode("utf-8", "replace").rstrip("\r\n")
-            code, sep, rest = int(text[:3]), text[3:4], text[4:]
-            lines.append(rest)
-            if sep != "-":
-                return Reply(code, lines)
-
-
-@dataclass
-class Load:
-    server: Tayori
-    up: threading.Event = field(default_factory=threading.Event)
-    stop: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    acked: dict[str, tuple[int, int]] = field(default_factory=dict)  # queue id -> (client, seq)
-    errors: list[str] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def count(self) -> int:
+    def send_one(self, client: Client, n: int, seq: int) -> None:
+        reply = sent(client, SENDER, [f"c{n}@tayori.test"], message(n, seq))
         with self.lock:
-            return len(self.acked)
-
-    def start(self) -> None:
-        for n in range(CLIENTS):
-            thread = threading.Thread(target=self._run, args=(n,), name=f"crash-client-{n}")
-            thread.start()
-            self.threads.append(thread)
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.up.set()
-        for thread in self.threads:
-            thread.join(60)
-            assert not thread.is_alive(), f"{thread.name} is stuck"
-
-    def _run(self, n: int) -> None:
-        seq = 0
-        while not self.stop.is_set():
-            if not self.up.wait(1):
-                continue
-            try:
-                with WholeLineClient(self.server.host, self.server.port, timeout=15) as client:
-                    client.greeting_and_ehlo()
-                    while not self.stop.is_set():
-                        seq += 1
-                        reply = self._send(client, n, seq)
-                        with self.lock:
-                            self.acked[queued_id(reply)] = (n, seq)
-            except OSError:  # killed: connection refused, reset, closed or timed out
-                self.stop.wait(0.01)
-            except Exception as exc:  # a wrong reply: the test fails with it
-                with self.lock:
-                    self.errors.append(f"client {n} message {seq}: {exc!r}")
-                return
-
-    @staticmethod
-    def _send(client: Client, n: int, seq: int) -> Reply:
-        data = message(n, seq)
-        client.expect_cmd(f"MAIL FROM:<{SENDER}>", 250)
-        client.expect_cmd(f"RCPT TO:<c{n}@tayori.test>", 250)
-        client.expect_cmd("DATA", 354)
-        client.send(data.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-        reply = client.reply()
-        assert reply.code == 250, f"DATA: {reply}"
-        return reply
+            self.acked[queued_id(reply)] = (n, seq)
 
 
 def background_load(port: int) -> subprocess.Popen[bytes]:
@@ -144,9 +77,8 @@ def check_recovered(server: Tayori) -> None:
 def test_sigkill_under_load_loses_no_acknowledged_message(make_tayori: MakeTayori) -> None:
     which_peer("smtp-source")  # skip before starting anything when it is missing
     server = make_tayori(limits={"drain_timeout": 1})
-    load = Load(server)
+    load = Load(server, CLIENTS)
     load.start()
-    load.up.set()
     source = background_load(server.port)
     drafts_at_kill = []
     try:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import email
 import email.policy
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
 import pytest
 
+from delivery_helpers import can_bind_25
 from harness import Tayori, free_port, queued_id, tayori_cli, wait_for
 from tayori.errors import Reply
 from tayori.smtp.server import EXTENSIONS_ALL
@@ -25,16 +25,6 @@ from tayori.testing.peer import SmtpPeer
 
 MESSAGE = (b"From: Alice <alice@sender.test>\r\nTo: bob@dest.test\r\nSubject: hello\r\n"
            b"Message-ID: <m1@sender.test>\r\n\r\nHello Bob.\r\n.dotted line\r\n")
-
-
-def can_bind_25(host: str) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, 25))
-        except OSError:
-            return False
-    return True
 
 
 pytestmark = pytest.mark.skipif(not can_bind_25("127.0.0.2"),

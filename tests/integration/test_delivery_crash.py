@@ -23,14 +23,14 @@ import fcntl
 import os
 import random
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
-from harness import Client, Reply, Tayori, wait_for
+from harness import Client, Tayori, wait_for
+from load import ClientLoad, sent
 from tayori.testing.peer import SmtpPeer
 
 pytestmark = [pytest.mark.slow]
@@ -54,78 +54,20 @@ def message(client: int, seq: int) -> tuple[str, bytes]:
     return token, head + body + f"last line of {client}-{seq}\r\n".encode()
 
 
-class WholeLineClient(Client):
-    """A client that refuses truncated replies: a reply line cut by the kill is not a 250."""
-
-    def reply(self) -> Reply:
-        lines = []
-        while True:
-            raw = self.file.readline(4096)
-            if not raw.endswith(b"\r\n"):
-                raise ConnectionError(f"connection lost mid-reply: {raw!r}")
-            text = raw.decode("utf-8", "replace").rstrip("\r\n")
-            code, sep, rest = int(text[:3]), text[3:4], text[4:]
-            lines.append(rest)
-            if sep != "-":
-                return Reply(code, lines)
-
-
 @dataclass
-class Load:
-    server: Tayori
-    stop: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    acked: dict[str, bytes] = field(default_factory=dict)   # Message-ID -> message sent
-    attempted: dict[str, bytes] = field(default_factory=dict)  # every message begun
-    errors: list[str] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
+class Load(ClientLoad):
+    """Messages with two recipients; ``acked`` and ``attempted`` map Message-IDs to the
+    bytes sent (attempted: every message begun, acknowledged or not)."""
 
-    def count(self) -> int:
+    attempted: dict[str, bytes] = field(default_factory=dict)
+
+    def send_one(self, client: Client, n: int, seq: int) -> None:
+        token, data = message(n, seq)
         with self.lock:
-            return len(self.acked)
-
-    def start(self) -> None:
-        for n in range(CLIENTS):
-            thread = threading.Thread(target=self._run, args=(n,), name=f"load-{n}")
-            thread.start()
-            self.threads.append(thread)
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(30)
-            assert not thread.is_alive(), f"{thread.name} is stuck"
-
-    def _run(self, n: int) -> None:
-        seq = 0
-        while not self.stop.is_set():
-            try:
-                with WholeLineClient(self.server.host, self.server.port, timeout=10) as client:
-                    client.greeting_and_ehlo()
-                    while not self.stop.is_set():
-                        seq += 1
-                        token, data = message(n, seq)
-                        with self.lock:
-                            self.attempted[token] = data
-                        self._send(client, data)
-                        with self.lock:
-                            self.acked[token] = data
-            except OSError:  # killed: connection refused, reset, closed or timed out
-                self.stop.wait(0.01)
-            except Exception as exc:  # a wrong reply: the test fails with it
-                with self.lock:
-                    self.errors.append(f"client {n} message {seq}: {exc!r}")
-                return
-
-    @staticmethod
-    def _send(client: Client, data: bytes) -> None:
-        client.expect_cmd(f"MAIL FROM:<{SENDER}>", 250)
-        for rcpt in RECIPIENTS:
-            client.expect_cmd(f"RCPT TO:<{rcpt}>", 250)
-        client.expect_cmd("DATA", 354)
-        client.send(data.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-        reply = client.reply()
-        assert reply.code == 250, f"DATA: {reply}"
+            self.attempted[token] = data
+        sent(client, SENDER, list(RECIPIENTS), data)
+        with self.lock:
+            self.acked[token] = data
 
 
 def wait_spool_free(server: Tayori) -> None:
@@ -236,7 +178,7 @@ def test_sigkill_while_delivering_loses_nothing_repeats_only_inflight(
             deliver=True, limits={"drain_timeout": 1},
             queue={"max_active": MAX_ACTIVE, "retry": ["1s"]},
             remote={"deliver": "relay", "host": f"[127.0.0.1]:{sink.port}", "tls": "none"})
-        load = Load(server)
+        load = Load(server, CLIENTS, timeout=10)
         kill_under_load(server, sink, load, kills)
         server.start()  # the final restart
         wait_all_delivered(server, sink, load.acked)

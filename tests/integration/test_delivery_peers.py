@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_postfix_relay import as_postfix_relays, with_date_and_id
+from test_postfix_relay import as_postfix_relays, big_body, with_date_and_id
 
 from delivery_helpers import (
     CORPUS,
@@ -40,13 +40,19 @@ from delivery_helpers import (
     parse_dsn,
     shared_tmpdir,
     sink_sessions,
-    smtp_source,
     split_received,
     submit,
     submit_all,
 )
 from harness import Tayori, shared_data, wait_for, which_peer
-from peers import DovecotLmtp, PostfixInstance, SmtpSink, Unbound, postfix_available
+from peers import (
+    DovecotLmtp,
+    PostfixInstance,
+    SmtpSink,
+    Unbound,
+    postfix_available,
+    smtp_source,
+)
 from tayori.testing.dnsstub import DnsStub
 from tayori.testing.peer import SmtpPeer
 
@@ -69,21 +75,6 @@ def simple(name: str, subject: str, body: bytes, extra: bytes = b"") -> bytes:
     return (f"From: Alice <{SENDER}>\r\nTo: <{name}@dest.test>\r\nSubject: {subject}\r\n"
             f"Date: Mon, 04 Mar 2024 10:00:00 +0000\r\nMessage-ID: <{name}@sender.test>\r\n"
             ).encode() + extra + b"\r\n" + body
-
-
-def big_body(size: int) -> bytes:
-    """~size bytes of lines up to 998 characters, some starting with dots, some empty."""
-    lines, total, n = [], 0, 0
-    while total < size:
-        n += 1
-        line = (f"{n:06d} " + "abcdefghij" * 100)[:(n * 37) % 990 + 1].encode()
-        if n % 13 == 0:
-            line = b"." + line[1:]
-        if n % 29 == 0:
-            line = b""
-        lines.append(line)
-        total += len(line) + 2
-    return b"\r\n".join(lines) + b"\r\n"
 
 
 @pytest.fixture

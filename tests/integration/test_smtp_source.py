@@ -12,34 +12,15 @@ says. The counting method itself is checked against smtp-sink.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 
-from harness import Tayori, which_peer
-from peers import SmtpSink
+from harness import Tayori
+from peers import SmtpSink, smtp_source
 
 pytestmark = pytest.mark.peer
 MakeTayori = Callable[..., Tayori]
-
-
-@dataclass(frozen=True)
-class SourceRun:
-    returncode: int
-    counter: int
-    stderr: str
-
-
-def smtp_source(port: int, *args: str, timeout: float = 240) -> SourceRun:
-    """Run smtp-source with a counter (``-c``) against 127.0.0.1:port."""
-    program = which_peer("smtp-source")
-    result = subprocess.run([program, "-c", *args, f"127.0.0.1:{port}"], capture_output=True,
-                            timeout=timeout, check=False)
-    numbers = [p for p in result.stdout.decode().replace("\r", "\n").split() if p.isdigit()]
-    return SourceRun(result.returncode, int(numbers[-1]) if numbers else 0,
-                     result.stderr.decode(errors="replace"))
 
 
 def assert_queue_holds(server: Tayori, count: int, recipients: list[str],
