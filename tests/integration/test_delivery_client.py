@@ -16,7 +16,6 @@ import email.message
 import email.policy
 import io
 import re
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -363,22 +362,12 @@ def test_tls_may_uses_starttls(mta: Mta, peers: Peers) -> None:
     wait_log(tayori, f"delivered queue_id={queue_id} .*{TLS_FIELD}")
 
 
-def _failing_handshake(peer: SmtpPeer) -> None:
-    # SmtpPeer has no option for a broken handshake: its server context (private) is made
-    # unusable (TLS 1.3 at least and 1.2 at most), so the handshake after 220 fails.
-    context = peer._tls_context
-    assert context is not None
-    context.maximum_version = ssl.TLSVersion.TLSv1_2
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-
-
 @pytest.mark.parametrize("failure", ["handshake", "454"])
 def test_tls_may_falls_back_to_plain_text(mta: Mta, peers: Peers, failure: str) -> None:
     if failure == "454":
         mx = peers(MX, extensions=WITH_TLS, starttls_reply=Reply(454, "4.7.0", "no TLS now"))
     else:
-        mx = peers(MX, extensions=WITH_TLS)
-        _failing_handshake(mx)
+        mx = peers(MX, extensions=WITH_TLS, tls_handshake_fails=True)
     tayori = mta(remote={"tls": "may"})
     queue_id = submit(tayori, ["bob@dest.test"], MESSAGE)
     [got] = mx.wait_for_messages(1)

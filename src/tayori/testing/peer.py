@@ -172,6 +172,7 @@ class SmtpPeer:
         data_reply: DataVerdict | None = None,
         lmtp_reply: RecipientDataVerdict | None = None,
         starttls_reply: Reply | None = None,
+        tls_handshake_fails: bool = False,
         max_recipients: int = 1000,
     ) -> None:
         self.host = host
@@ -185,6 +186,7 @@ class SmtpPeer:
         self.data_reply = data_reply
         self.lmtp_reply = lmtp_reply
         self.starttls_reply = starttls_reply
+        self.tls_handshake_fails = tls_handshake_fails
         self.settings = _settings(hostname, extensions, max_recipients)
         self.cert_path: Path | None = None
         self.key_path: Path | None = None
@@ -218,6 +220,9 @@ class SmtpPeer:
             cert, key = self_signed(str(self._tls_dir), self.hostname)
             self.cert_path, self.key_path = Path(cert), Path(key)
             self._tls_context = server_context(cert, key)
+            if self.tls_handshake_fails:   # no version left to agree on: 220, then failure
+                self._tls_context.minimum_version = ssl.TLSVersion.TLSv1_3
+                self._tls_context.maximum_version = ssl.TLSVersion.TLSv1_2
         loop = self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name=f"SmtpPeer {self.host}",
                                         daemon=True)
