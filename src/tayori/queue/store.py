@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from tayori.queue.spool import connect, transaction
 
 DUE_STATES = ("queued", "deferred")
+_CLAIM_SELECT = ("SELECT r.*, m.sender, m.size, m.body_type, m.smtputf8, m.ret, m.envid, "
+                 "m.received_at, m.client_address, m.helo, m.protocol FROM recipients r "
+                 "JOIN messages m ON m.id = r.message")
 OPEN_STATES = ("queued", "deferred", "inflight", "held", "cancelled")
 
 
@@ -113,20 +116,27 @@ class QueueStore:
         if limit <= 0 or not actions:
             return []
         marks = ",".join("?" * len(actions))
+        # One index-ordered query per state (an IN over states would sort every due row:
+        # 0.3 s with 100k due), read outside the write lock: the manager is the only
+        # one that claims, and the UPDATE below checks the state again.
+        rows = []
+        for state in DUE_STATES:
+            rows += self._db.execute(
+                f"{_CLAIM_SELECT} WHERE r.state = ? AND r.next_attempt <= ? "
+                f"AND r.action IN ({marks}) AND m.state = 'queued' "
+                "ORDER BY r.next_attempt LIMIT ?", (state, now, *actions, limit)).fetchall()
+        rows += self._db.execute(f"{_CLAIM_SELECT} WHERE r.state = 'cancelled' LIMIT ?",
+                                 (limit,)).fetchall()
+        rows = sorted(rows, key=lambda row: float(row["next_attempt"]))[:limit]
+        claimed = []
         with transaction(self._db):
-            rows = self._db.execute(
-                "SELECT r.*, m.sender, m.size, m.body_type, m.smtputf8, m.ret, m.envid, "
-                "m.received_at, m.client_address, m.helo, m.protocol FROM recipients r "
-                "JOIN messages m ON m.id = r.message "
-                f"WHERE ((r.state IN ('queued', 'deferred') AND r.next_attempt <= ? "
-                f"AND r.action IN ({marks})) OR r.state = 'cancelled') "
-                "AND m.state = 'queued' ORDER BY r.next_attempt LIMIT ?",
-                (now, *actions, limit)).fetchall()
-            self._db.executemany(
-                "UPDATE recipients SET state = 'inflight' WHERE message = ? AND idx = ?",
-                [(row["message"], row["idx"]) for row in rows])
+            for row in rows:
+                if self._db.execute(
+                        "UPDATE recipients SET state = 'inflight' WHERE message = ? AND idx = ? "
+                        "AND state = ?", (row["message"], row["idx"], row["state"])).rowcount:
+                    claimed.append(row)
         messages: dict[str, QueuedMessage] = {}
-        return [_claim(row, messages) for row in rows]
+        return [_claim(row, messages) for row in claimed]
 
     def record(self, outcomes: Iterable[Outcome]) -> None:
         with transaction(self._db):
