@@ -201,6 +201,11 @@ class Connection:
         reply = await self._command_hop(b"STARTTLS\r\n", "STARTTLS")
         if reply.code != 220:
             raise failure(_remote(reply))
+        if self._pending or self._replies.buffered or _unread(self._reader):
+            # plaintext after the 220 would be read as if it came over TLS (the
+            # STARTTLS injection of CVE-2011-0411): no TLS on this connection
+            raise failure(Reply(451, "4.7.5", f"{self.target.describe()} sent data after its "
+                                "STARTTLS reply"))
         try:
             await asyncio.wait_for(
                 self._writer.start_tls(self._tls_context(policy),
@@ -422,6 +427,11 @@ def _read_chunks(path: str) -> Iterator[bytes]:
     with open(path, "rb") as handle:
         while chunk := handle.read(CHUNK_SIZE):
             yield chunk
+
+
+def _unread(reader: asyncio.StreamReader) -> int:
+    """Bytes received but not yet read (asyncio has no public way to ask)."""
+    return len(getattr(reader, "_buffer", b""))
 
 
 def _server_name(host: str) -> str | None:

@@ -43,6 +43,11 @@ class ReplyReader:
     _lines: list[str] = field(default_factory=list)
     _code: int = 0
 
+    @property
+    def buffered(self) -> bool:
+        """True while part of a reply waits for the rest."""
+        return bool(self._buffer or self._lines)
+
     def feed(self, data: bytes) -> list[Reply]:
         self._buffer += data
         replies = []
