@@ -22,7 +22,7 @@ from dataclasses import asdict
 from tayori.config import Config, ConfigError, load
 from tayori.queue import wakeup
 from tayori.queue.spool import Envelope, RecipientRecord, read_envelopes
-from tayori.queue.store import QueueStore
+from tayori.queue.store import InFlight, QueueStore
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,13 +222,13 @@ def _queue_change(args: argparse.Namespace) -> int:
 def _queue_delete(args: argparse.Namespace) -> int:
     config, store = _store(args.config, args.queue_id)
     try:
-        if args.dsn and store.inflight(args.queue_id):
-            raise UserError(f"{args.queue_id} is being delivered right now; try again in a "
-                            "moment (or hold it first)")
         if args.dsn:
             count = store.cancel(args.queue_id)
         else:
             store.remove(args.queue_id)
+    except InFlight:
+        raise UserError(f"{args.queue_id} is being delivered right now; try again in a "
+                        "moment (or hold it first)") from None
     finally:
         store.close()
     if args.dsn:

@@ -11,11 +11,14 @@ from typing import Any
 import pytest
 
 from tayori.queue.spool import Envelope, RecipientRecord, Spool
-from tayori.queue.store import Claim, Outcome, QueuedMessage, QueueStore
+from tayori.queue.store import Claim, InFlight, Outcome, QueuedMessage, QueueStore
 
 T0 = 1_700_000_000.0
-REMOTE = ("remote",)
-BOTH = ("remote", "local")
+# the actions whose recipients wait (are not claimed): what the manager passes
+ONLY_REMOTE = ("local",)
+ALL: tuple[str, ...] = ()
+ONLY_LOCAL = ("remote",)
+NOTHING = ("remote", "local")
 
 
 def envelope(queue_id: str, received_at: float = T0,
@@ -110,7 +113,7 @@ def outcome(claim_or_key: Claim | tuple[str, int], state: str, *, next_attempt: 
 
 def test_claim_returns_the_recipients_with_their_message(store: QueueStore) -> None:
     commit(store, envelope("A1"))
-    claims = sorted(store.claim(T0, 10, BOTH), key=lambda c: c.index)
+    claims = sorted(store.claim(T0, 10, ALL), key=lambda c: c.index)
     message = QueuedMessage("A1", "a@x.example", 6, "8BITMIME", True, "HDRS", "ENV+2B1", T0,
                             "192.0.2.1", "client.example", "ESMTPS")
     assert claims == [
@@ -124,39 +127,39 @@ def test_claim_returns_the_recipients_with_their_message(store: QueueStore) -> N
 
 def test_claim_returns_due_recipients_only(store: QueueStore) -> None:
     commit(store, one("A1", T0), one("B2", T0 + 100))
-    assert store.claim(T0 - 0.001, 10, REMOTE) == []
-    assert keys(store.claim(T0 + 99, 10, REMOTE)) == [("A1", 0)]
-    assert keys(store.claim(T0 + 100, 10, REMOTE)) == [("B2", 0)]
+    assert store.claim(T0 - 0.001, 10, ONLY_REMOTE) == []
+    assert keys(store.claim(T0 + 99, 10, ONLY_REMOTE)) == [("A1", 0)]
+    assert keys(store.claim(T0 + 100, 10, ONLY_REMOTE)) == [("B2", 0)]
 
 
 def test_claim_respects_the_limit_oldest_due_first(store: QueueStore) -> None:
     commit(store, one("C3", T0 + 2), one("A1", T0), one("B2", T0 + 1))
-    assert keys(store.claim(T0 + 10, 2, REMOTE)) == [("A1", 0), ("B2", 0)]
-    assert keys(store.claim(T0 + 10, 2, REMOTE)) == [("C3", 0)]
-    assert store.claim(T0 + 10, 2, REMOTE) == []
+    assert keys(store.claim(T0 + 10, 2, ONLY_REMOTE)) == [("A1", 0), ("B2", 0)]
+    assert keys(store.claim(T0 + 10, 2, ONLY_REMOTE)) == [("C3", 0)]
+    assert store.claim(T0 + 10, 2, ONLY_REMOTE) == []
 
 
-@pytest.mark.parametrize(("limit", "actions"), [(0, REMOTE), (-1, REMOTE), (10, ())])
-def test_claim_nothing(store: QueueStore, limit: int, actions: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("limit", "waiting"), [(0, ALL), (-1, ALL), (10, NOTHING)])
+def test_claim_nothing(store: QueueStore, limit: int, waiting: tuple[str, ...]) -> None:
     commit(store, envelope("A1"))
-    assert store.claim(T0, limit, actions) == []
+    assert store.claim(T0, limit, waiting) == []
     assert states(store, "A1") == ["queued"] * 3
 
 
 def test_claim_respects_the_actions_filter(store: QueueStore) -> None:
     commit(store, envelope("A1"))
-    assert keys(store.claim(T0, 10, REMOTE)) == [("A1", 0), ("A1", 1)]
+    assert keys(store.claim(T0, 10, ONLY_REMOTE)) == [("A1", 0), ("A1", 1)]
     assert states(store, "A1") == ["inflight", "inflight", "queued"]
-    assert store.claim(T0, 10, ("lmtp",)) == []
-    assert keys(store.claim(T0, 10, ("local", "other"))) == [("A1", 2)]
+    assert store.claim(T0, 10, NOTHING) == []
+    assert keys(store.claim(T0, 10, ONLY_LOCAL)) == [("A1", 2)]
 
 
 def test_claimed_recipients_are_inflight_and_not_claimed_twice(store: QueueStore) -> None:
     commit(store, envelope("A1"))
-    assert len(store.claim(T0, 10, BOTH)) == 3
+    assert len(store.claim(T0, 10, ALL)) == 3
     assert states(store, "A1") == ["inflight"] * 3
-    assert store.claim(T0 + 1e9, 10, BOTH) == []
-    assert store.next_due(BOTH) is None
+    assert store.claim(T0 + 1e9, 10, ALL) == []
+    assert store.next_due(ALL) is None
 
 
 def test_claim_skips_held_messages(store: QueueStore) -> None:
@@ -164,7 +167,7 @@ def test_claim_skips_held_messages(store: QueueStore) -> None:
     assert store.hold("A1") == 3
     assert message_state(store, "A1") == "held"
     assert states(store, "A1") == ["held"] * 3
-    assert keys(store.claim(T0 + 10, 10, BOTH)) == [("B2", 0)]
+    assert keys(store.claim(T0 + 10, 10, ALL)) == [("B2", 0)]
 
 
 def test_claim_skips_corrupt_messages(spool_dir: Path, store: QueueStore) -> None:
@@ -173,13 +176,13 @@ def test_claim_skips_corrupt_messages(spool_dir: Path, store: QueueStore) -> Non
     spool = Spool(str(spool_dir))
     assert spool.open().corrupt == ("A1",)
     spool.close()
-    assert keys(store.claim(T0, 10, REMOTE)) == [("B2", 0)]
-    assert store.next_due(REMOTE) is None
+    assert keys(store.claim(T0, 10, ONLY_REMOTE)) == [("B2", 0)]
+    assert store.next_due(ONLY_REMOTE) is None
 
 
 def test_claims_of_one_message_share_its_record(store: QueueStore) -> None:
     commit(store, envelope("A1"))
-    first, second, third = store.claim(T0, 10, BOTH)
+    first, second, third = store.claim(T0, 10, ALL)
     assert first.message == second.message == third.message
 
 
@@ -189,7 +192,7 @@ def test_claims_of_one_message_share_its_record(store: QueueStore) -> None:
 def test_record_moves_each_recipient_to_its_state(store: QueueStore) -> None:
     commit(store, envelope("A1", recipients=tuple(
         RecipientRecord(f"r{i}@y.example", "remote") for i in range(4))))
-    claims = sorted(store.claim(T0, 10, REMOTE), key=lambda c: c.index)
+    claims = sorted(store.claim(T0, 10, ONLY_REMOTE), key=lambda c: c.index)
     store.record([
         outcome(claims[0], "delivered", at=T0 + 5),
         outcome(claims[1], "deferred", next_attempt=T0 + 600, at=T0 + 5, warned=True),
@@ -208,18 +211,18 @@ def test_record_moves_each_recipient_to_its_state(store: QueueStore) -> None:
 
 def test_deferred_recipient_comes_back_when_due_with_its_history(store: QueueStore) -> None:
     commit(store, one("A1"))
-    (claim,) = store.claim(T0, 10, REMOTE)
+    (claim,) = store.claim(T0, 10, ONLY_REMOTE)
     store.record([outcome(claim, "deferred", next_attempt=T0 + 600, warned=True)])
-    assert store.next_due(REMOTE) == T0 + 600
-    assert store.claim(T0 + 599, 10, REMOTE) == []
-    (again,) = store.claim(T0 + 600, 10, REMOTE)
+    assert store.next_due(ONLY_REMOTE) == T0 + 600
+    assert store.claim(T0 + 599, 10, ONLY_REMOTE) == []
+    (again,) = store.claim(T0 + 600, 10, ONLY_REMOTE)
     assert (again.attempts, again.warned, again.cancelled, again.last_reply, again.last_status,
             again.remote_mta) == (1, True, False, "reply deferred", "4.4.1", "mx.y.example")
 
 
 def test_record_ignores_recipients_that_were_not_claimed(store: QueueStore) -> None:
     commit(store, envelope("A1"))
-    store.claim(T0, 10, ("local",))
+    store.claim(T0, 10, ONLY_LOCAL)
     store.record([outcome(("A1", 0), "delivered"), outcome(("A1", 2), "delivered"),
                   outcome(("NOSUCH", 0), "delivered")])
     assert states(store, "A1") == ["queued", "queued", "delivered"]
@@ -231,20 +234,20 @@ def test_record_nothing(store: QueueStore) -> None:
 
 def test_deferred_outcome_on_a_message_held_meanwhile_is_held(store: QueueStore) -> None:
     commit(store, envelope("A1"))
-    claims = sorted(store.claim(T0, 10, REMOTE), key=lambda c: c.index)
+    claims = sorted(store.claim(T0, 10, ONLY_REMOTE), key=lambda c: c.index)
     assert store.hold("A1") == 1           # the one not inflight
     store.record([outcome(claims[0], "deferred", next_attempt=T0 + 600),
                   outcome(claims[1], "bounced")])
     assert states(store, "A1") == ["held", "bounced", "held"]
-    assert store.claim(T0 + 1e6, 10, BOTH) == []
+    assert store.claim(T0 + 1e6, 10, ALL) == []
     assert store.release("A1", T0 + 50) == 2
     assert states(store, "A1") == ["queued", "bounced", "queued"]
-    assert keys(store.claim(T0 + 50, 10, BOTH)) == [("A1", 0), ("A1", 2)]
+    assert keys(store.claim(T0 + 50, 10, ALL)) == [("A1", 0), ("A1", 2)]
 
 
 def test_deferred_outcome_after_hold_and_release_is_deferred(store: QueueStore) -> None:
     commit(store, one("A1"))
-    (claim,) = store.claim(T0, 10, REMOTE)
+    (claim,) = store.claim(T0, 10, ONLY_REMOTE)
     store.hold("A1")
     store.release("A1", T0)
     store.record([outcome(claim, "deferred", next_attempt=T0 + 600)])
@@ -255,9 +258,10 @@ def test_cancel_leaves_recipients_in_an_attempt_alone(store: QueueStore) -> None
     """The CLI refuses `delete --dsn` while an attempt runs (QueueStore.inflight); cancel
     itself never takes a recipient away from the attempt that holds it."""
     commit(store, one("A1"))
-    (claim,) = store.claim(T0, 10, REMOTE)
+    (claim,) = store.claim(T0, 10, ONLY_REMOTE)
     assert store.inflight("A1") == 1
-    assert store.cancel("A1") == 0
+    with pytest.raises(InFlight):
+        store.cancel("A1")
     store.record([outcome(claim, "deferred", next_attempt=T0 + 600)])
     assert states(store, "A1") == ["deferred"]
     assert store.inflight("A1") == 0
@@ -270,7 +274,7 @@ def test_cancel_leaves_recipients_in_an_attempt_alone(store: QueueStore) -> None
 def test_remove_finished_deletes_only_messages_without_open_recipients(
         store: QueueStore) -> None:
     commit(store, one("A1"), envelope("B2"), one("C3"))
-    claims = store.claim(T0, 10, BOTH)
+    claims = store.claim(T0, 10, ALL)
     by_key = {(c.message.queue_id, c.index): c for c in claims}
     store.record([outcome(by_key["A1", 0], "delivered"), outcome(by_key["B2", 0], "bounced"),
                   outcome(by_key["B2", 1], "expired"),
@@ -284,7 +288,7 @@ def test_remove_finished_deletes_only_messages_without_open_recipients(
 
 def test_settle_records_and_removes_in_one_call(store: QueueStore) -> None:
     commit(store, one("A1"), one("B2"), one("C3"))
-    by_key = {(c.message.queue_id, c.index): c for c in store.claim(T0, 10, REMOTE)}
+    by_key = {(c.message.queue_id, c.index): c for c in store.claim(T0, 10, ONLY_REMOTE)}
     done = store.settle([outcome(by_key["B2", 0], "bounced"),
                          outcome(by_key["A1", 0], "delivered"),
                          outcome(by_key["C3", 0], "deferred", next_attempt=T0 + 600)],
@@ -300,43 +304,42 @@ def test_remove_finished_keeps_a_message_with_an_open_recipient(
         store: QueueStore, state: str) -> None:
     commit(store, envelope("A1", recipients=(RecipientRecord("b@y.example", "remote"),
                                              RecipientRecord("c@y.example", "local"))))
-    (first,) = store.claim(T0, 10, REMOTE)
+    (first,) = store.claim(T0, 10, ONLY_REMOTE)
     store.record([outcome(first, "delivered")])
     if state == "deferred":
-        store.claim(T0, 10, ("local",))
+        store.claim(T0, 10, ONLY_LOCAL)
         store.record([outcome(("A1", 1), "deferred", next_attempt=T0 + 600)])
     elif state == "held":
         store.hold("A1")
     elif state == "cancelled":
         store.cancel("A1")
     elif state == "inflight":
-        store.claim(T0, 10, ("local",))
+        store.claim(T0, 10, ONLY_LOCAL)
     assert states(store, "A1") == ["delivered", state]
     assert store.remove_finished(["A1"]) == []
     assert store.exists("A1")
 
 
 def test_next_due(store: QueueStore) -> None:
-    assert store.next_due(BOTH) is None
+    assert store.next_due(ALL) is None
     commit(store, one("A1", T0 + 30), one("B2", T0 + 20, "local"), one("C3", T0 + 10))
-    assert store.next_due(BOTH) == T0 + 10
-    assert store.next_due(("local",)) == T0 + 20
-    assert store.next_due(("lmtp",)) is None
-    assert store.next_due(()) is None
+    assert store.next_due(ALL) == T0 + 10
+    assert store.next_due(ONLY_LOCAL) == T0 + 20
+    assert store.next_due(NOTHING) is None
     store.hold("C3")
-    assert store.next_due(REMOTE) == T0 + 30
-    store.claim(T0 + 30, 10, REMOTE)
-    assert store.next_due(REMOTE) is None
-    assert store.next_due(BOTH) == T0 + 20
+    assert store.next_due(ONLY_REMOTE) == T0 + 30
+    store.claim(T0 + 30, 10, ONLY_REMOTE)
+    assert store.next_due(ONLY_REMOTE) is None
+    assert store.next_due(ALL) == T0 + 20
 
 
 def test_requeue_inflight(store: QueueStore) -> None:
     commit(store, envelope("A1"))
     assert store.requeue_inflight() == 0
-    assert len(store.claim(T0, 10, REMOTE)) == 2
+    assert len(store.claim(T0, 10, ONLY_REMOTE)) == 2
     assert store.requeue_inflight() == 2
     assert states(store, "A1") == ["queued"] * 3
-    assert keys(store.claim(T0, 10, REMOTE)) == [("A1", 0), ("A1", 1)]
+    assert keys(store.claim(T0, 10, ONLY_REMOTE)) == [("A1", 0), ("A1", 1)]
 
 
 # --- the operator's commands -------------------------------------------------------------
@@ -357,13 +360,13 @@ def test_hold_and_release(store: QueueStore) -> None:
     assert message_state(store, "A1") == "queued"
     assert [row["next_attempt"] for row in rows(store, "A1")] == [T0 + 500] * 3
     assert store.release("A1", T0 + 500) == 0
-    assert store.claim(T0 + 499, 10, BOTH) == []
-    assert len(store.claim(T0 + 500, 10, BOTH)) == 3
+    assert store.claim(T0 + 499, 10, ALL) == []
+    assert len(store.claim(T0 + 500, 10, ALL)) == 3
 
 
 def test_hold_keeps_finished_recipients(store: QueueStore) -> None:
     commit(store, envelope("A1"))
-    claims = sorted(store.claim(T0, 10, ("local",)), key=lambda c: c.index)
+    claims = sorted(store.claim(T0, 10, ONLY_LOCAL), key=lambda c: c.index)
     store.record([outcome(claims[0], "delivered")])
     assert store.hold("A1") == 2
     assert store.release("A1", T0) == 2
@@ -372,41 +375,41 @@ def test_hold_keeps_finished_recipients(store: QueueStore) -> None:
 
 def test_flush_one_message(store: QueueStore) -> None:
     commit(store, one("A1"), one("B2"))
-    claims = store.claim(T0, 10, REMOTE)
+    claims = store.claim(T0, 10, ONLY_REMOTE)
     store.record([outcome(c, "deferred", next_attempt=T0 + 3600) for c in claims])
     assert store.flush("A1", T0 + 1) == 1
-    assert keys(store.claim(T0 + 1, 10, REMOTE)) == [("A1", 0)]
-    assert store.next_due(REMOTE) == T0 + 3600
+    assert keys(store.claim(T0 + 1, 10, ONLY_REMOTE)) == [("A1", 0)]
+    assert store.next_due(ONLY_REMOTE) == T0 + 3600
 
 
 def test_flush_all(store: QueueStore) -> None:
     commit(store, one("A1"), one("B2"), one("C3", T0 + 9999))
-    claims = store.claim(T0, 10, REMOTE)
+    claims = store.claim(T0, 10, ONLY_REMOTE)
     store.record([outcome(c, "deferred", next_attempt=T0 + 3600) for c in claims])
     assert store.flush(None, T0 + 1) == 3
-    assert keys(store.claim(T0 + 1, 10, REMOTE)) == [("A1", 0), ("B2", 0), ("C3", 0)]
+    assert keys(store.claim(T0 + 1, 10, ONLY_REMOTE)) == [("A1", 0), ("B2", 0), ("C3", 0)]
 
 
 def test_flush_leaves_held_and_inflight_alone(store: QueueStore) -> None:
     commit(store, one("A1"), one("B2", T0 + 3600))
-    store.claim(T0, 10, REMOTE)
+    store.claim(T0, 10, ONLY_REMOTE)
     store.hold("B2")
     assert store.flush(None, T0 + 1) == 0
     assert states(store, "A1") == ["inflight"]
-    assert store.claim(T0 + 1e6, 10, REMOTE) == []
+    assert store.claim(T0 + 1e6, 10, ONLY_REMOTE) == []
 
 
 def test_cancelled_recipients_are_claimed_regardless_of_action_and_time(
         store: QueueStore) -> None:
     commit(store, envelope("A1", T0 + 10_000), one("B2", T0 + 10_000))
-    claims = sorted(store.claim(T0 + 10_000, 10, ("local",)), key=lambda c: c.index)
+    claims = sorted(store.claim(T0 + 10_000, 10, ONLY_LOCAL), key=lambda c: c.index)
     store.record([outcome(claims[0], "delivered")])
     store.hold("A1")
     assert store.cancel("A1") == 2              # the delivered recipient stays delivered
     assert message_state(store, "A1") == "queued"
     assert states(store, "A1") == ["cancelled", "cancelled", "delivered"]
-    assert store.next_due(BOTH) == T0 + 10_000  # B2 only
-    claimed = store.claim(T0, 10, ("lmtp",))
+    assert store.next_due(ALL) == T0 + 10_000  # B2 only
+    claimed = store.claim(T0, 10, NOTHING)
     assert keys(claimed) == [("A1", 0), ("A1", 1)]
     assert all(claim.cancelled for claim in claimed)
     assert states(store, "A1") == ["inflight", "inflight", "delivered"]
@@ -417,25 +420,26 @@ def test_cancelled_recipients_are_claimed_regardless_of_action_and_time(
 
 def test_cancel_deferred_recipients(store: QueueStore) -> None:
     commit(store, one("A1"))
-    claims = store.claim(T0, 10, REMOTE)
+    claims = store.claim(T0, 10, ONLY_REMOTE)
     store.record([outcome(c, "deferred", next_attempt=T0 + 3600) for c in claims])
     assert store.cancel("A1") == 1
-    (claim,) = store.claim(T0 + 1, 10, REMOTE)
+    (claim,) = store.claim(T0 + 1, 10, ONLY_REMOTE)
     assert claim.cancelled and claim.attempts == 1
-    assert store.cancel("A1") == 0                 # inflight now
+    with pytest.raises(InFlight):                  # inflight now
+        store.cancel("A1")
     assert store.cancel("NOSUCH") == 0
 
 
 def test_claim_limit_applies_to_cancelled_recipients(store: QueueStore) -> None:
     commit(store, envelope("A1"))
     store.cancel("A1")
-    assert len(store.claim(T0, 2, REMOTE)) == 2
-    assert len(store.claim(T0, 2, REMOTE)) == 1
+    assert len(store.claim(T0, 2, ONLY_REMOTE)) == 2
+    assert len(store.claim(T0, 2, ONLY_REMOTE)) == 1
 
 
 def test_remove(spool_dir: Path, store: QueueStore) -> None:
     commit(store, envelope("A1"), one("B2"))
-    store.claim(T0, 1, REMOTE)
+    store.claim(T0, 1, ONLY_REMOTE)
     store.remove("A1")
     store.remove("NOSUCH")
     assert not store.exists("A1")

@@ -79,6 +79,13 @@ def parse_next_hop(text: str, default_port: int) -> tuple[str, int, bool]:
     return host, port, brackets
 
 
+def _positive(value: int) -> int:
+    if value < 1:
+        raise BadValue(f"{value} is less than 1")
+    return value
+
+
+POSITIVE = checked(INT, "integer", "a whole number >= 1", _positive)
 ENDPOINT = checked(STRING, "address", '"IP:port" or "[IPv6]:port", e.g. "0.0.0.0:25", "[::]:25"',
                    _parse_endpoint)
 LISTEN_MODES = ("smtp",)
@@ -174,6 +181,9 @@ class DeliveryConfig:
     data_timeout: float = setting(600.0, DURATION, "Wait for the reply after the message "
                                   "content (RFC 5321 §4.5.3.2: 10 minutes).",
                                   shown_default='"10m"')
+    max_recipients: int = setting(100, POSITIVE, "Recipients in one transaction; more go in "
+                                  "further transactions (RFC 5321 §4.5.3.1.8: every server "
+                                  "takes 100).")
     reuse_time: float = setting(2.0, DURATION, "Keep an idle connection this long for the next "
                                 "message to the same destination.", shown_default='"2s"')
     prefer_ipv6: bool = setting(False, BOOL, "Try a host's IPv6 addresses before its IPv4 ones.")
@@ -218,7 +228,8 @@ class ActionConfig:
     max_connections: int = setting(20, INT, "Connections at once to one destination (an MX "
                                    "domain, a relay host, an LMTP server).")
     source_address: str = setting("", STRING, "`mx`, `relay`: local IP address to connect from.")
-    auth_user: str = setting("", STRING, "`relay`: log in (AUTH PLAIN or LOGIN) with this user.")
+    auth_user: str = setting("", STRING, "`relay`: log in (AUTH PLAIN or LOGIN) with this user; "
+                             "only over TLS, unless `tls = \"none\"` says there is none.")
     auth_password: str = setting("", STRING, "`relay`: the password for `auth_user`.")
 
 

@@ -180,6 +180,9 @@ class Connection:
         if policy != "none" and self.caps.starttls:
             await self._starttls(policy)
         if self.settings.auth_user:
+            if self.tls is None and self.settings.tls != "none":   # STARTTLS stripped?
+                raise HopError(Reply(451, "4.7.0", f"no TLS with {self.target.describe()}: "
+                                     "the password is not sent in plain text"))
             await self._authenticate()
 
     async def _hello(self) -> None:
@@ -209,7 +212,7 @@ class Connection:
         try:
             await asyncio.wait_for(
                 self._writer.start_tls(self._tls_context(policy),
-                                       server_hostname=_server_name(self.target.host)),
+                                       server_hostname=self._tls_name(policy)),
                 self.settings.timeouts.command)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else \
@@ -218,6 +221,15 @@ class Connection:
                                 f"{reason}")) from None
         self.tls = info_of(self._writer.get_extra_info("ssl_object"))
         await self._hello()
+
+    def _tls_name(self, policy: str) -> str | None:
+        """The name sent in SNI and checked in the certificate. For an address literal
+        no SNI is sent, but under ``verify`` the address itself is checked (IP SAN):
+        without a name, only the chain would be."""
+        name = _server_name(self.target.host)
+        if name is None and policy == "verify":
+            return self.target.address
+        return name
 
     def _tls_context(self, policy: str) -> ssl.SSLContext:
         if policy == "verify":

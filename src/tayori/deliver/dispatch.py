@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import socket
 import traceback
 from dataclasses import dataclass, field
@@ -72,8 +73,11 @@ class Result:
 
 @dataclass(slots=True)
 class _Destination:
+    key: tuple[str, str]          # (action, domain or host)
     slots: asyncio.Semaphore
+    limit: int
     idle: list[Connection] = field(default_factory=list)
+    jobs: int = 0                 # attempts running or waiting for a slot
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,19 +121,36 @@ class Dispatcher:
         """A reloaded configuration: applies to the next attempts."""
         self.config = config
 
+    def saturated(self, job: Delivery) -> bool:
+        """True when the job's destination already has twice its connection limit's
+        worth of attempts running or waiting (the queue manager postpones it)."""
+        destination = self._destinations.get((job.action_name, job.destination))
+        return destination is not None and destination.jobs >= 2 * destination.limit
+
     async def deliver(self, job: Delivery) -> list[Result]:
         key = (job.action_name, job.destination)
         destination = self._destinations.get(key)
         if destination is None:
+            limit = job.action.max_connections or 1
             destination = self._destinations[key] = _Destination(
-                asyncio.Semaphore(job.action.max_connections or 1))
-        async with destination.slots, self._total:
-            try:
+                key, asyncio.Semaphore(limit), limit)
+        destination.jobs += 1
+        try:
+            async with destination.slots, self._total:
                 return await self._attempt(job, destination)
-            except Exception:
-                maillog.error("delivery-failed", queue_id=job.message.queue_id,
-                              destination=job.destination, detail=traceback.format_exc(limit=6))
-                return [Result(INTERNAL_ERROR)] * len(job.recipients)
+        except Exception:
+            maillog.error("delivery-failed", queue_id=job.message.queue_id,
+                          destination=job.destination, detail=traceback.format_exc(limit=6))
+            return [Result(INTERNAL_ERROR)] * len(job.recipients)
+        finally:
+            destination.jobs -= 1
+            self._forget_if_unused(destination)
+
+    def _forget_if_unused(self, destination: _Destination) -> None:
+        """Memory stays bounded by what is active, not by every domain ever seen."""
+        if not destination.jobs and not destination.idle and \
+                self._destinations.get(destination.key) is destination:
+            del self._destinations[destination.key]
 
     async def close(self) -> None:
         """Close idle connections (QUIT)."""
@@ -141,10 +162,13 @@ class Dispatcher:
     # --- one attempt ------------------------------------------------------------------
 
     async def _attempt(self, job: Delivery, destination: _Destination) -> list[Result]:
+        if not _exists(job.path):   # removed by `tayori queue delete` meanwhile
+            return [Result(Reply(451, "4.3.0", "the message was removed from the queue"))
+                    ] * len(job.recipients)
         transaction = _transaction(job)
         while destination.idle:
             connection = destination.idle.pop()
-            replies = await connection.send(transaction)
+            replies = await _send(connection, transaction)
             if connection.broken and all(r.code == 451 and r.status == "4.4.2"
                                          for r in replies):
                 connection.close()   # the server closed it while idle: try afresh
@@ -165,7 +189,7 @@ class Dispatcher:
                 failure = exc.reply
                 continue
             return await self._finish(connection, destination,
-                                      await connection.send(transaction))
+                                      await _send(connection, transaction))
         return [Result(_temporary(failure), target=None)] * len(job.recipients)
 
     async def _open(self, job: Delivery, target: Target, settings: ClientSettings) -> Connection:
@@ -201,6 +225,7 @@ class Dispatcher:
         its own timer)."""
         if connection.transactions == used and connection in destination.idle:
             destination.idle.remove(connection)
+            self._forget_if_unused(destination)
             task = asyncio.ensure_future(connection.quit())
             task.add_done_callback(lambda t: t.exception())
 
@@ -227,7 +252,10 @@ class Dispatcher:
         if port == 0 or _is_ip(host):
             return [Target(host, host, port)]
         if action.deliver == "relay" and not brackets:
-            return await self._mx_targets(host, port)
+            try:
+                return await self._mx_targets(host, port)
+            except RouteError as exc:   # our own next hop, not the recipient's domain:
+                raise RouteError(_temporary(exc.reply)) from None   # never a bounce
         return [Target(host, address, port) for address in await self._addresses(host)]
 
     async def _mx_targets(self, domain: str, port: int) -> list[Target]:
@@ -259,6 +287,20 @@ class Dispatcher:
             raise RouteError(Reply(451, "4.4.3", f"cannot look up {host} now (DNS)"))
         raise RouteError(Reply(451, "4.4.4", f"the next hop {host} has no address "
                                "(check the action's host)"))
+
+
+async def _send(connection: Connection, transaction: Transaction) -> list[Reply]:
+    """One transaction; whatever escapes it (a cancellation at shutdown) closes the
+    connection rather than leaking it."""
+    try:
+        return await connection.send(transaction)
+    except BaseException:
+        connection.close()
+        raise
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
 
 
 def _transaction(job: Delivery) -> Transaction:

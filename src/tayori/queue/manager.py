@@ -8,7 +8,11 @@ Promises (DESIGN §2.2, §2.5, §5):
   index at once, whatever the queue size; due recipients are claimed as soon as the
   window has room and the manager is woken (a commit in any worker, ``queue flush``) or
   the next attempt falls due.
-- Recipients of one message with the same action and destination share one attempt;
+- A slow destination cannot starve the others: when the window is more than half full,
+  recipients for a destination with twice its connection limit in attempts already are
+  put back for about 30 s (no attempt counted).
+- Recipients of one message with the same action and destination share one attempt
+  (``delivery.max_recipients`` at most per transaction);
   the attempts of one message end together, in one DSN and one index transaction.
 - Each recipient ends an attempt in exactly one state: delivered (2xx), bounced (5xx),
   deferred (4xx, next attempt per ``queue.retry`` with ±10% jitter) or expired (still
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import sqlite3
@@ -60,6 +65,7 @@ DEFAULT_DELAY_WARNING = 4 * 3600.0   # with NOTIFY=DELAY and no queue.delay_warn
 IDLE_POLL = 60.0                      # look at the index at least this often
 ERROR_PAUSE = 5.0
 DSN_RETRY = 60.0                      # a DSN that could not be queued: attempt again
+POSTPONE = 30.0                       # a busy destination's recipients wait about this
 JITTER = 0.1
 T = TypeVar("T")
 
@@ -165,12 +171,10 @@ class QueueManager:
         self._settler: asyncio.Task[None] | None = None
 
     @property
-    def actions(self) -> tuple[str, ...]:
-        """The actions whose recipients are claimed (none while suspended)."""
-        if self.config.queue.suspended:
-            return ()
+    def waiting(self) -> tuple[str, ...]:
+        """The actions whose recipients wait: kinds of delivery not built yet."""
         return tuple(name for name, action in self.config.actions.items()
-                     if action.deliver in DELIVERABLE)
+                     if action.deliver not in DELIVERABLE)
 
     def update(self, config: Config) -> None:
         """A reloaded configuration: applies to the next claims and attempts."""
@@ -188,8 +192,7 @@ class QueueManager:
             maillog.event("requeued", recipients=requeued, reason="attempts cut short")
         for queue_id in await self._index(self._store.sweep):
             self._remove_body(queue_id)
-        waiting = sorted(name for name, action in self.config.actions.items()
-                         if action.deliver not in DELIVERABLE)
+        waiting = sorted(self.waiting)
         if waiting:
             maillog.warning("not-delivering", actions=",".join(waiting),
                             reason="maildir and pipe delivery are not built yet; "
@@ -236,6 +239,10 @@ class QueueManager:
             except (sqlite3.Error, OSError) as exc:
                 maillog.error("queue-index", reason=str(exc), retry_in=ERROR_PAUSE)
                 wait = ERROR_PAUSE
+            except Exception:   # never let the loop end while the daemon runs
+                maillog.error("queue-manager", detail=traceback.format_exc(limit=8),
+                              retry_in=ERROR_PAUSE)
+                wait = ERROR_PAUSE
             if self._stopping:
                 return
             with contextlib.suppress(TimeoutError):
@@ -245,15 +252,15 @@ class QueueManager:
         """Claim what is due while the window has room; return how long to wait."""
         assert self._store is not None
         room = self.config.queue.max_active - self._active
-        if room <= 0:
-            return IDLE_POLL    # woken when an attempt ends
+        if room <= 0 or self.config.queue.suspended:
+            return IDLE_POLL    # woken when an attempt ends, or by a reload
         now = self.clock()
-        claims = await self._index(self._store.claim, now, room, self.actions)
+        claims = await self._index(self._store.claim, now, room, self.waiting)
         if claims:
             self._dispatch(claims)
             if len(claims) == room:
                 return IDLE_POLL
-        due = await self._index(self._store.next_due, self.actions)
+        due = await self._index(self._store.next_due, self.waiting)
         if due is None:
             return IDLE_POLL
         return min(max(due - self.clock(), 0.0), IDLE_POLL) if not claims else 0.0
@@ -282,10 +289,12 @@ class QueueManager:
                 continue
             destination = (_domain(claim.address) if action.deliver == "mx" else action.host)
             groups.setdefault((claim.action, destination), []).append(claim)
+        size = self.config.delivery.max_recipients
         jobs: list[tuple[Delivery | None, list[Claim]]] = [
-            (Delivery(members[0].message, path, name, self.config.actions[name], destination,
-                      tuple(members)), members)
-            for (name, destination), members in groups.items()]
+            (Delivery(chunk[0].message, path, name, self.config.actions[name], destination,
+                      tuple(chunk)), chunk)
+            for (name, destination), members in groups.items()
+            for chunk in (members[i:i + size] for i in range(0, len(members), size))]
         if unsettled:
             jobs.append((None, unsettled))
         return jobs
@@ -293,10 +302,41 @@ class QueueManager:
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            maillog.error("queue-manager", detail="".join(traceback.format_exception(
+                task.exception(), limit=8)))
 
     async def _attempt(self, run: _Pass, job: Delivery | None, claims: list[Claim]) -> None:
         started = self.clock()
+        crowded = self._active > self.config.queue.max_active // 2
+        if job is not None and crowded and self.dispatcher.saturated(job):
+            self._postpone(run, claims)
+        else:
+            await self._attempt_now(run, job, claims, started)
+        run.pending -= 1
+        if run.pending == 0:
+            await self._conclude(run)
+
+    def _postpone(self, run: _Pass, claims: list[Claim]) -> None:
+        """The window is more than half full and this destination already has twice its
+        connections' worth of attempts running or waiting: these recipients go back to
+        the queue for a while, no attempt counted, so that one slow destination cannot
+        fill the whole active window and starve the others."""
+        now = self.clock()
+        later = now + POSTPONE * self.rng.uniform(0.5, 1.5)
+        busy = Result(Reply(451, "4.4.5", "destination busy: postponed"))
+        for claim in claims:
+            run.verdicts.append(Verdict(Outcome(
+                claim.message.queue_id, claim.index, "queued", claim.attempts, later,
+                claim.last_reply, claim.last_status, claim.remote_mta, now, claim.warned), None))
+            run.log.append((claim, busy, 0.0))
+
+    async def _attempt_now(self, run: _Pass, job: Delivery | None, claims: list[Claim],
+                           started: float) -> None:
         try:
             results = await self._results(job, claims)
         except Exception:
@@ -308,9 +348,6 @@ class QueueManager:
             run.verdicts.append(judge(claim, result, now, self.config,
                                       random.Random(run.seed)))
             run.log.append((claim, result, now - started))
-        run.pending -= 1
-        if run.pending == 0:
-            await self._conclude(run)
 
     async def _results(self, job: Delivery | None, claims: list[Claim]) -> list[Result]:
         if job is not None:
@@ -325,26 +362,39 @@ class QueueManager:
         return out
 
     async def _conclude(self, run: _Pass) -> None:
-        """All attempts of a message in this pass ended: DSN, log, then record."""
+        """All attempts of a message in this pass ended: DSN, log, then record (retried
+        until it succeeds: recipients must not stay in flight while the daemon runs)."""
         try:
-            try:
-                dsn = await self._notify(run)
-            except (sqlite3.Error, OSError) as exc:  # no DSN now: try those again later
-                maillog.error("dsn-failed", queue_id=run.message.queue_id, reason=str(exc),
-                              retry_in=DSN_RETRY)
-                dsn = None
-                run.verdicts = [_without_report(v, self.clock() + DSN_RETRY)
-                                for v in run.verdicts]
+            dsn = await self._notify_safely(run)
             now = self.clock()
             for (claim, result, took), verdict in zip(run.log, run.verdicts, strict=True):
                 _log_outcome(claim, result, verdict, took, now, dsn=dsn)
-            await self._settle([v.outcome for v in run.verdicts], run.message.queue_id)
-        except (sqlite3.Error, OSError) as exc:
-            maillog.error("queue-index", queue_id=run.message.queue_id, reason=str(exc),
-                          note="the attempt will be repeated after a restart")
+            outcomes = [v.outcome for v in run.verdicts]
+            while True:
+                try:
+                    await self._settle(outcomes, run.message.queue_id)
+                    break
+                except (sqlite3.Error, OSError) as exc:
+                    maillog.error("queue-index", queue_id=run.message.queue_id,
+                                  reason=str(exc), retry_in=ERROR_PAUSE)
+                    if self._stopping:   # the next start repeats the attempt
+                        break
+                    await asyncio.sleep(ERROR_PAUSE)
         finally:
             self._active -= len(run.verdicts)
             self._wake.set()
+
+    async def _notify_safely(self, run: _Pass) -> str | None:
+        """The DSN's queue id, or None. A DSN that cannot be queued turns its recipients
+        back to deferred, for another attempt and another DSN later."""
+        try:
+            return await self._notify(run)
+        except Exception as exc:
+            maillog.error("dsn-failed", queue_id=run.message.queue_id, reason=str(exc),
+                          retry_in=DSN_RETRY, detail=traceback.format_exc(limit=4))
+            run.verdicts = [_without_report(v, self.clock() + DSN_RETRY)
+                            for v in run.verdicts]
+            return None
 
     async def _settle(self, outcomes: list[Outcome], queue_id: str) -> None:
         """Record a message's outcomes; the messages that end meanwhile share one
@@ -362,15 +412,19 @@ class QueueManager:
             error: BaseException | None = None
             try:
                 await self._index(self._settle_now, outcomes, [item[1] for item in batch])
-            except (sqlite3.Error, OSError) as exc:
+            except BaseException as exc:   # every waiter hears of it, whatever it is
                 error = exc
             for _, _, future in batch:
                 if future.done():
                     continue
                 if error is None:
                     future.set_result(None)
+                elif isinstance(error, asyncio.CancelledError):
+                    future.cancel()
                 else:
                     future.set_exception(error)
+            if isinstance(error, asyncio.CancelledError):
+                raise error
 
     def _settle_now(self, outcomes: list[Outcome], queue_ids: list[str]) -> None:
         assert self._store is not None
@@ -378,17 +432,24 @@ class QueueManager:
             self._remove_body(done)
 
     def _remove_body(self, queue_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        """After the index forgot the message (committed): a failure here only leaves a
+        file that the next start's recovery removes."""
+        try:
             os.unlink(os.path.join(self.spool.messages, queue_id))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            maillog.warning("remove-failed", queue_id=queue_id, reason=exc.strerror)
         maillog.event("removed", queue_id=queue_id)
 
     # --- DSNs -------------------------------------------------------------------------
 
     async def _notify(self, run: _Pass) -> str | None:
-        reports = [v.report for v in run.verdicts if v.report is not None]
+        message = run.message
+        reports = [v.report for v in run.verdicts if v.report is not None and
+                   (message.sender or v.report.action == "failed")]  # <>: failures only
         if not reports:
             return None
-        message = run.message
         recipient = message.sender or self._double_bounce_address(message, reports)
         if recipient is None:
             return None
@@ -475,6 +536,9 @@ def _log_outcome(claim: Claim, result: Result, verdict: Verdict, took: float,
         fields["next_attempt"] = f"{outcome.next_attempt - now:.0f}s"
     if verdict.report is not None:
         fields["dsn"] = f"{verdict.report.action}:{dsn}" if dsn else "dropped"
+    if outcome.state == "queued":   # postponed: no attempt was made
+        maillog.event("postponed", logging.DEBUG, **fields)
+        return
     maillog.event(outcome.state, **fields)
 
 

@@ -451,7 +451,7 @@ class _Committer:
             with transaction(self._db):
                 for item in batch:
                     _insert(self._db, item.envelope)
-        except (OSError, sqlite3.Error) as exc:
+        except Exception as exc:   # whatever it is, the sessions hear of it; the thread lives
             for item in batch:
                 item.draft.discard()
                 _resolve(item, exc)

@@ -35,6 +35,10 @@ _CLAIM_SELECT = ("SELECT r.*, m.sender, m.size, m.body_type, m.smtputf8, m.ret, 
 OPEN_STATES = ("queued", "deferred", "inflight", "held", "cancelled")
 
 
+class InFlight(Exception):
+    """The message is in a delivery attempt right now."""
+
+
 @dataclass(frozen=True, slots=True)
 class QueuedMessage:
     queue_id: str
@@ -112,19 +116,23 @@ class QueueStore:
                 self._delete(queue_id)
         return idle
 
-    def claim(self, now: float, limit: int, actions: Sequence[str]) -> list[Claim]:
-        if limit <= 0 or not actions:
+    def claim(self, now: float, limit: int, waiting: Sequence[str] = ()) -> list[Claim]:
+        """Due recipients, except those of the ``waiting`` actions (kinds of delivery this
+        tayori does not run yet): a recipient of an unknown action is claimed, so that
+        it fails, is retried and expires like any other."""
+        if limit <= 0:
             return []
-        marks = ",".join("?" * len(actions))
+        marks = ",".join("?" * len(waiting))
+        skip = f"AND r.action NOT IN ({marks}) " if waiting else ""
         # One index-ordered query per state (an IN over states would sort every due row:
         # 0.3 s with 100k due), read outside the write lock: the manager is the only
         # one that claims, and the UPDATE below checks the state again.
         rows = []
         for state in DUE_STATES:
             rows += self._db.execute(
-                f"{_CLAIM_SELECT} WHERE r.state = ? AND r.next_attempt <= ? "
-                f"AND r.action IN ({marks}) AND m.state = 'queued' "
-                "ORDER BY r.next_attempt LIMIT ?", (state, now, *actions, limit)).fetchall()
+                f"{_CLAIM_SELECT} WHERE r.state = ? AND r.next_attempt <= ? {skip}"
+                "AND m.state = 'queued' ORDER BY r.next_attempt LIMIT ?",
+                (state, now, *waiting, limit)).fetchall()
         rows += self._db.execute(f"{_CLAIM_SELECT} WHERE r.state = 'cancelled' LIMIT ?",
                                  (limit,)).fetchall()
         rows = sorted(rows, key=lambda row: float(row["next_attempt"]))[:limit]
@@ -179,15 +187,15 @@ class QueueStore:
                 done.append(queue_id)
         return done
 
-    def next_due(self, actions: Sequence[str]) -> float | None:
-        """When the next recipient falls due (None: nothing waits)."""
-        if not actions:
-            return None
-        marks = ",".join("?" * len(actions))
+    def next_due(self, waiting: Sequence[str] = ()) -> float | None:
+        """When the next recipient falls due (None: nothing waits), ``waiting`` as in
+        :meth:`claim`."""
+        marks = ",".join("?" * len(waiting))
+        skip = f"AND r.action NOT IN ({marks}) " if waiting else ""
         row = self._db.execute(
             "SELECT MIN(r.next_attempt) FROM recipients r JOIN messages m ON m.id = r.message "
-            f"WHERE r.state IN ('queued', 'deferred') AND r.action IN ({marks}) "
-            "AND m.state = 'queued'", tuple(actions)).fetchone()
+            f"WHERE r.state IN ('queued', 'deferred') {skip}AND m.state = 'queued'",
+            tuple(waiting)).fetchone()
         return None if row[0] is None else float(row[0])
 
     # --- the operator's commands ------------------------------------------------------
@@ -227,8 +235,11 @@ class QueueStore:
 
     def cancel(self, queue_id: str) -> int:
         """Delete with a DSN: the manager reports the undelivered recipients as failed.
-        Recipients in an attempt are not touched (the caller checks :meth:`inflight`)."""
+        Raises :class:`InFlight` (and changes nothing) while an attempt is under way."""
         with transaction(self._db):
+            if self._db.execute("SELECT 1 FROM recipients WHERE message = ? AND "
+                                "state = 'inflight' LIMIT 1", (queue_id,)).fetchone():
+                raise InFlight(queue_id)
             self._db.execute("UPDATE messages SET state = 'queued' WHERE id = ?", (queue_id,))
             return self._db.execute(
                 "UPDATE recipients SET state = 'cancelled' WHERE message = ? "

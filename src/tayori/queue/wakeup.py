@@ -2,7 +2,7 @@
 
 Takes: the spool directory.
 Promises: :func:`poke` (any process: a worker after a commit, ``tayori queue flush``)
-costs one non-blocking ``sendto`` and never fails; the :class:`Listener` in the process
+costs a socket and one non-blocking ``sendto`` and never fails; the :class:`Listener` in the process
 running the queue manager calls its callback on the event loop for each batch of pokes.
 The socket lives in the abstract namespace (Linux), so nothing is left on disk and
 the spool path's length does not matter.
@@ -19,8 +19,6 @@ import os
 import socket
 from collections.abc import Callable
 
-_sender: socket.socket | None = None
-
 
 def address(spool_dir: str) -> str:
     digest = hashlib.sha256(os.path.realpath(spool_dir).encode()).hexdigest()[:24]
@@ -28,12 +26,9 @@ def address(spool_dir: str) -> str:
 
 
 def poke(spool_dir: str) -> None:
-    global _sender
-    with contextlib.suppress(OSError):
-        if _sender is None:
-            _sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            _sender.setblocking(False)
-        _sender.sendto(b"!", address(spool_dir))
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        sender.setblocking(False)
+        sender.sendto(b"!", address(spool_dir))
 
 
 class Listener:
