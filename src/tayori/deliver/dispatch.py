@@ -118,8 +118,12 @@ class Dispatcher:
         self._destinations: dict[tuple[str, str], _Destination] = {}
 
     def update(self, config: Config) -> None:
-        """A reloaded configuration: applies to the next attempts."""
+        """A reloaded configuration: applies to the next attempts (a changed
+        per-destination limit once that destination is idle again)."""
+        if config.delivery.max_connections != self.config.delivery.max_connections:
+            self._total = asyncio.Semaphore(config.delivery.max_connections)
         self.config = config
+        self.identity = Identity.of(config)
 
     def saturated(self, job: Delivery) -> bool:
         """True when the job's destination already has twice its connection limit's
