@@ -1,4 +1,4 @@
-"""Real peers for tests and benchmarks: Postfix, smtp-sink, Dovecot LMTP, unbound.
+"""Real peers for tests and benchmarks: Postfix, smtp-sink, Dovecot LMTP and IMAP, unbound.
 
 ``PostfixInstance`` runs a whole Postfix (master, smtpd, cleanup, qmgr, smtp...) from
 the Debian package with its own configuration directory, queue and log under a fresh
@@ -6,8 +6,9 @@ temporary directory. It listens only on the 127.0.0.1 port it is given, resolves
 nothing (``smtp_dns_support_level = disabled``) and, given a ``relayhost``, sends
 everything it accepts there. ``SmtpSink`` runs Postfix's ``smtp-sink`` test server.
 ``DovecotLmtp`` is a private Dovecot delivering over LMTP (TCP and a unix socket) into
-Maildirs with quotas; ``Unbound`` a DNS server answering only for the test's own zones.
-Each has its own directory from :func:`tempfile.mkdtemp` and a log file, and its class
+Maildirs with quotas, ``DovecotImap`` one serving IMAP over Maildirs that tests fill
+(both :class:`DovecotInstance`); ``Unbound`` a DNS server answering only for the test's
+own zones. Each has its own directory from :func:`tempfile.mkdtemp` and a log file, and its class
 docstring lists what was learnt making it work. (The scriptable SMTP/LMTP peer lives in
 the package: :mod:`tayori.testing.peer`.)
 
@@ -34,6 +35,7 @@ What was found to work here (Postfix 3.7, Debian 12, as root):
 from __future__ import annotations
 
 import contextlib
+import imaplib
 import os
 import pwd
 import re
@@ -45,6 +47,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from harness import TIMEOUT, Client, free_port, wait_for, which_peer
 
@@ -438,16 +441,18 @@ def unix_listening(path: Path) -> bool:
 
 
 @dataclass
-class DovecotLmtp:
-    """A private Dovecot LMTP server: ``with DovecotLmtp() as lmtp: lmtp.address``.
+class DovecotInstance:
+    """A private Dovecot serving LMTP and/or IMAP (:attr:`protocols`) over Maildirs under
+    ``<root>/mail/<domain>/<user>`` (``mail_location = maildir:<root>/mail/%d/%n``,
+    :meth:`maildir`). Use :class:`DovecotLmtp` or :class:`DovecotImap`.
 
-    It listens on 127.0.0.1:``port`` (0: a free one) and on the unix socket
-    :attr:`socket_path`, and delivers to Maildirs under ``<root>/mail/<domain>/<user>``
-    (:meth:`messages`). ``users`` maps each address to its quota (a Dovecot
-    ``quota_rule`` storage value such as ``"1K"``; None: ``default_quota``); the default
-    users are u1..u3@lmtp.test, u3 with a 1 KiB quota. Unknown users get ``550 5.1.1``.
-    Mail is stored as the ``mail`` system user. ``quota_tempfail`` turns the over-quota
-    reply temporary; ``settings`` are extra top-level dovecot.conf lines (``key = value``).
+    LMTP listens on 127.0.0.1:``port`` (0: a free one) and on the unix socket
+    :attr:`socket_path`; IMAP on 127.0.0.1:``imap_port``, plaintext LOGIN allowed.
+    ``users`` maps each address to its quota (a Dovecot ``quota_rule`` storage value such
+    as ``"1K"``; None: ``default_quota``); every user's password is :attr:`password`.
+    Unknown users get ``550 5.1.1`` over LMTP. Mail is stored as the ``mail`` system user
+    (:attr:`owner`). ``quota_tempfail`` turns the over-quota reply temporary;
+    ``settings`` are extra top-level dovecot.conf lines (``key = value``).
 
     What was found to work here (Dovecot 2.3.19, Debian 12, as root, no systemd/syslog):
 
@@ -463,7 +468,7 @@ class DovecotLmtp:
       internal error`` ("Mail access for users with UID 8 not permitted" in the log).
     - The ``auth`` service wants a passdb besides the userdb even though LMTP only looks
       users up ("No passdbs specified ... PLAIN mechanism needs one", and again 451 4.3.0
-      to every RCPT): the same passwd-file serves as both.
+      to every RCPT): the same passwd-file serves as both (and IMAP's LOGIN uses it).
     - ``ssl = no``: the built-in default logs "Can't load SSL certificate" on every
       connection (it still works, with SSL disabled).
     - The over-quota reply comes after the data, per recipient, while the others in the
@@ -474,11 +479,25 @@ class DovecotLmtp:
     - The stored file is not the bytes sent: Dovecot prepends ``Return-Path``,
       ``Delivered-To`` and ``Received`` headers and stores LF line ends
       (``mail_save_crlf = no``); :meth:`messages` returns the files as stored.
+    - IMAP needs Debian's ``dovecot-imapd`` (``/usr/lib/dovecot/imap`` and
+      ``imap-login``), not part of dovecot-core; without it the tests skip.
+      Dovecot counts a connection to 127.0.0.1 from 127.0.0.1 as "secured" (its log
+      says so), so plaintext LOGIN works there whatever ``disable_plaintext_auth`` says;
+      it is set to ``no`` all the same, so that LOGIN without TLS is allowed on purpose,
+      not by that rule. No ``namespace`` block is needed: Dovecot makes the
+      default INBOX namespace, Maildir++ layout, ``.`` as the hierarchy separator, so the
+      folder ``.Lists`` is the IMAP mailbox ``Lists``.
+    - Dovecot checks a Maildir file name's ``W=`` (the size with CRLF line ends) when it
+      reads the file: a wrong one fails the FETCH, is logged ("Maildir filename has
+      wrong W value") and the file is renamed without it. :meth:`log` shows that.
     """
 
+    protocols: tuple[str, ...] = ("lmtp",)
     port: int = 0
+    imap_port: int = 0
     users: dict[str, str | None] = field(default_factory=lambda: {
         "u1@lmtp.test": None, "u2@lmtp.test": None, "u3@lmtp.test": "1K"})
+    password: str = "secret"
     default_quota: str = "10M"
     quota_tempfail: bool = False
     settings: dict[str, str] = field(default_factory=dict)
@@ -489,15 +508,24 @@ class DovecotLmtp:
 
     def __post_init__(self) -> None:
         which_peer("dovecot")
-        if not Path("/usr/lib/dovecot/lmtp").exists():
-            import pytest
+        programs = {"lmtp": ("lmtp",), "imap": ("imap", "imap-login")}
+        for protocol in self.protocols:
+            for program in programs[protocol]:
+                if not Path(f"/usr/lib/dovecot/{program}").exists():
+                    import pytest
 
-            pytest.skip("dovecot-lmtpd is not installed (scripts/install-peers installs it)")
+                    pytest.skip(f"dovecot's {program} is not installed (Debian's "
+                                f"dovecot-{protocol}d; scripts/install-peers installs it)")
         self.root = Path(tempfile.mkdtemp(prefix="tayori-dovecot-"))
 
     @property
     def address(self) -> tuple[str, int]:
+        """LMTP's TCP address."""
         return "127.0.0.1", self.port
+
+    @property
+    def imap_address(self) -> tuple[str, int]:
+        return "127.0.0.1", self.imap_port
 
     @property
     def socket_path(self) -> Path:
@@ -511,6 +539,12 @@ class DovecotLmtp:
     def log_path(self) -> Path:
         return self.root / "dovecot.log"
 
+    @property
+    def owner(self) -> tuple[int, int]:
+        """The uid and gid the mail belongs to (the ``mail`` user)."""
+        mail = pwd.getpwnam("mail")
+        return mail.pw_uid, mail.pw_gid
+
     def maildir(self, user: str) -> Path:
         local, _, domain = user.partition("@")
         return self.root / "mail" / domain / local
@@ -522,10 +556,11 @@ class DovecotLmtp:
             "state_dir": str(root / "state"),
             "instance_name": f"tayori-{root.name}",
             "log_path": str(self.log_path),
-            "protocols": "lmtp",
+            "protocols": " ".join(self.protocols),
             "listen": "127.0.0.1",
             "hostname": self.hostname,
             "ssl": "no",
+            "disable_plaintext_auth": "no",
             "default_internal_user": "dovecot",
             "default_login_user": "dovenull",
             "first_valid_uid": "1",
@@ -536,6 +571,28 @@ class DovecotLmtp:
         }
         lines = [f"{key} = {value}" for key, value in settings.items()]
         users = root / "users"
+        services = {
+            "lmtp": f"""service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {self.port}
+  }}
+  unix_listener {self.socket_path} {{
+    mode = 0666
+  }}
+}}
+""",
+            "imap": f"""service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+""",
+        }
         return "\n".join(lines) + f"""
 passdb {{
   driver = passwd-file
@@ -549,50 +606,45 @@ plugin {{
   quota = maildir:User quota
   quota_rule = *:storage={self.default_quota}
 }}
-service lmtp {{
-  inet_listener lmtp {{
-    address = 127.0.0.1
-    port = {self.port}
-  }}
-  unix_listener {self.socket_path} {{
-    mode = 0666
-  }}
-}}
-"""
+""" + "".join(services[protocol] for protocol in self.protocols)
 
     def users_text(self) -> str:
-        mail = pwd.getpwnam("mail")
+        uid, gid = self.owner
         lines = []
         for user, quota in self.users.items():
             extra = f"userdb_quota_rule=*:storage={quota}" if quota else ""
             home = self.root / "home" / user
-            lines.append(f"{user}:{{PLAIN}}secret:{mail.pw_uid}:{mail.pw_gid}::{home}::{extra}")
+            lines.append(f"{user}:{{PLAIN}}{self.password}:{uid}:{gid}::{home}::{extra}")
         return "\n".join(lines) + "\n"
 
     def configure(self) -> None:
-        mail = pwd.getpwnam("mail")
         self.root.chmod(0o755)
         for name in ("mail", "home"):
             (self.root / name).mkdir(exist_ok=True)
-            os.chown(self.root / name, mail.pw_uid, mail.pw_gid)
-        if not self.port:
+            os.chown(self.root / name, *self.owner)
+        if "lmtp" in self.protocols and not self.port:
             self.port = free_port()
+        if "imap" in self.protocols and not self.imap_port:
+            self.imap_port = free_port()
         (self.root / "users").write_text(self.users_text())
         self.config_path.write_text(self.config_text())
 
-    def start(self) -> DovecotLmtp:
+    def start(self) -> Self:
         self.configure()
         with open(self.root / "stderr.log", "ab") as stderr:
             self.process = subprocess.Popen(
                 [which_peer("dovecot"), "-F", "-c", str(self.config_path)],
                 stdout=stderr, stderr=subprocess.STDOUT)
-        self.wait_for(self._up, what=f"dovecot to listen on {self.port} and {self.socket_path}")
+        self.wait_for(self._up, what=f"dovecot to listen ({', '.join(self.protocols)})")
         return self
 
     def _up(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
             raise AssertionError(f"dovecot exited {self.process.returncode}")
-        return listening("127.0.0.1", self.port) and unix_listening(self.socket_path)
+        if "lmtp" in self.protocols and not (listening("127.0.0.1", self.port)
+                                             and unix_listening(self.socket_path)):
+            return False
+        return "imap" not in self.protocols or listening("127.0.0.1", self.imap_port)
 
     def wait_for(self, condition: Callable[[], object], timeout: float = TIMEOUT,
                  what: str = "condition") -> object:
@@ -614,7 +666,7 @@ service lmtp {{
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> DovecotLmtp:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -627,6 +679,15 @@ service lmtp {{
                  for path in (maildir / sub).iterdir() if path.is_file()]
         files.sort(key=lambda path: (path.stat().st_mtime_ns, path.name))
         return [path.read_bytes() for path in files]
+
+
+@dataclass
+class DovecotLmtp(DovecotInstance):
+    """A private Dovecot LMTP server: ``with DovecotLmtp() as lmtp: lmtp.address``.
+
+    The default users are u1..u3@lmtp.test, u3 with a 1 KiB quota. See
+    :class:`DovecotInstance` for the options and what was learnt making it work.
+    """
 
 
 RecordValue = str | tuple[int, str]
@@ -813,3 +874,83 @@ def smtp_source(port: int, *args: str, timeout: float = 240) -> SourceRun:
     numbers = [p for p in result.stdout.decode().replace("\r", "\n").split() if p.isdigit()]
     return SourceRun(result.returncode, int(numbers[-1]) if numbers else 0,
                      result.stderr.decode(errors="replace"))
+
+
+@dataclass(frozen=True)
+class ImapMessage:
+    """One message as IMAP FETCH gives it: its UID, RFC822.SIZE and BODY[] (CRLF)."""
+
+    uid: int
+    size: int
+    body: bytes
+
+
+@dataclass
+class DovecotImap(DovecotInstance):
+    """A private Dovecot IMAP server over Maildirs that tests fill themselves::
+
+        with DovecotImap() as imap:
+            maildir.deliver(str(imap.maildir(user)), path, ..., owner=imap.owner)
+            [message] = imap.fetch(user)
+
+    IMAP on 127.0.0.1:``imap_port`` (0: a free one), plaintext LOGIN allowed (loopback
+    only, no TLS); users u1 and u2@imap.test, password :attr:`password`; each user's
+    Maildir is :meth:`maildir` (``<root>/mail/<domain>/<user>``), owned by :attr:`owner`.
+    See :class:`DovecotInstance` for what was learnt making it work.
+    """
+
+    protocols: tuple[str, ...] = ("imap",)
+    users: dict[str, str | None] = field(default_factory=lambda: {
+        "u1@imap.test": None, "u2@imap.test": None})
+    hostname: str = "imap.test"
+
+    def login(self, user: str) -> imaplib.IMAP4:
+        """An IMAP connection logged in as ``user`` (LOGIN); the caller logs out."""
+        client = imaplib.IMAP4(*self.imap_address, timeout=TIMEOUT)
+        try:
+            client.login(user, self.password)
+        except BaseException:
+            client.shutdown()
+            raise
+        return client
+
+    def mailboxes(self, user: str) -> list[str]:
+        """The names IMAP LIST gives for ``user`` (INBOX and the Maildir++ folders)."""
+        client = self.login(user)
+        try:
+            status, lines = client.list()
+            assert status == "OK", lines
+        finally:
+            client.logout()
+        names = []
+        for line in lines:
+            assert isinstance(line, bytes), line
+            # (\\HasNoChildren) "." Lists   or   ... "." "with space"
+            match = re.fullmatch(rb'\((.*?)\) (?:"[^"]*"|NIL) (.+)', line)
+            assert match, line
+            names.append(match.group(2).decode().strip('"'))
+        return names
+
+    def fetch(self, user: str, mailbox: str = "INBOX") -> list[ImapMessage]:
+        """Every message of ``user``'s ``mailbox`` in UID order, read with EXAMINE and
+        FETCH (UID RFC822.SIZE BODY.PEEK[]): nothing is marked seen or moved."""
+        client = self.login(user)
+        try:
+            status, data = client.select(mailbox, readonly=True)
+            assert status == "OK", data
+            if int(data[0] or 0) == 0:
+                return []
+            status, data = client.fetch("1:*", "(UID RFC822.SIZE BODY.PEEK[])")
+            assert status == "OK", data
+        finally:
+            client.logout()
+        messages = []
+        for item in data:
+            if not isinstance(item, tuple):
+                continue   # the closing b")" of each response
+            head, body = item
+            uid = re.search(rb"UID (\d+)", head)
+            size = re.search(rb"RFC822\.SIZE (\d+)", head)
+            assert uid and size, head
+            messages.append(ImapMessage(int(uid.group(1)), int(size.group(1)), body))
+        return sorted(messages, key=lambda message: message.uid)

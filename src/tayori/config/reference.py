@@ -58,8 +58,9 @@ SECTIONS: list[tuple[str, str, Any]] = [
     ("[actions.NAME]", "A named way of delivering mail, used by match rules. `mx` looks "
                        "up the recipient domain's MX hosts; `relay` sends everything to "
                        '`host` (`"[name]:port"`: no MX lookup); `lmtp` hands mail to an '
-                       'LMTP server (`"host:port"` or a unix socket path). `maildir` and '
-                       "`pipe` are accepted but not yet delivered.", ActionConfig),
+                       'LMTP server (`"host:port"` or a unix socket path); `maildir` writes '
+                       "into the recipient's Maildir (`path`). `pipe` is accepted but not "
+                       "yet delivered.", ActionConfig),
     ("[[match]]", "Routing and relay rules, tried in order; the first that matches a "
                   "recipient decides its action. The client condition is written `from`.",
      MatchConfig),

@@ -26,8 +26,9 @@ Promises (DESIGN §2.2, §2.5, §5):
   postmaster is logged and dropped). The DSN is queued before the outcome is recorded: a
   crash in between repeats the attempt and the DSN, it never loses it.
 - Messages with nothing left to do leave the index and the disk.
-- Recipients routed to actions that this tayori cannot run yet (``maildir``, ``pipe``)
-  stay queued and are reported once in the log at start.
+- Recipients routed to actions that this tayori cannot run yet (``pipe``) stay queued
+  and are reported once in the log at start. ``maildir`` recipients are delivered by
+  :mod:`tayori.deliver.local`, one recipient per delivery.
 Failure policy: an error of the index or the disk is logged and the manager tries again
 after a pause; an unexpected exception in one attempt is confined to its recipients
 (``451 4.3.0``, retried).
@@ -54,13 +55,14 @@ from tayori import bounce, maillog
 from tayori.address import AddressError, parse_mailbox
 from tayori.config import Config
 from tayori.deliver.dispatch import Delivery, Dispatcher, Result
+from tayori.deliver.local import LocalDeliverer
 from tayori.errors import Reply
 from tayori.policy.relay import Rules
 from tayori.queue import wakeup
 from tayori.queue.spool import Envelope, RecipientRecord, Spool, new_queue_id
 from tayori.queue.store import Claim, Outcome, QueuedMessage, QueueStore
 
-DELIVERABLE = ("mx", "relay", "lmtp")
+DELIVERABLE = ("mx", "relay", "lmtp", "maildir")
 DEFAULT_DELAY_WARNING = 4 * 3600.0   # with NOTIFY=DELAY and no queue.delay_warning
 IDLE_POLL = 60.0                      # look at the index at least this often
 ERROR_PAUSE = 5.0
@@ -157,6 +159,7 @@ class QueueManager:
                  rng: random.Random | None = None) -> None:
         self.config, self.spool, self.dispatcher = config, spool, dispatcher
         self.rules = Rules(config)
+        self.local = LocalDeliverer(config)
         self.clock = clock
         self.rng = rng or random.Random()
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-index")
@@ -181,6 +184,7 @@ class QueueManager:
         self.config = config
         self.rules = Rules(config)
         self.dispatcher.update(config)
+        self.local.update(config)
         self._wake.set()
 
     # --- lifecycle --------------------------------------------------------------------
@@ -195,7 +199,7 @@ class QueueManager:
         waiting = sorted(self.waiting)
         if waiting:
             maillog.warning("not-delivering", actions=",".join(waiting),
-                            reason="maildir and pipe delivery are not built yet; "
+                            reason="pipe delivery is not built yet; "
                                    "recipients routed there stay queued")
         if self.config.queue.suspended:
             maillog.warning("delivery-suspended", reason="queue.suspended is set")
@@ -287,7 +291,8 @@ class QueueManager:
             if claim.cancelled or action is None or action.deliver not in DELIVERABLE:
                 unsettled.append(claim)
                 continue
-            destination = (_domain(claim.address) if action.deliver == "mx" else action.host)
+            destination = {"mx": _domain(claim.address),
+                           "maildir": claim.address}.get(action.deliver, action.host)
             groups.setdefault((claim.action, destination), []).append(claim)
         size = self.config.delivery.max_recipients
         jobs: list[tuple[Delivery | None, list[Claim]]] = [
@@ -350,6 +355,8 @@ class QueueManager:
             run.log.append((claim, result, now - started))
 
     async def _results(self, job: Delivery | None, claims: list[Claim]) -> list[Result]:
+        if job is not None and job.action.deliver == "maildir":
+            return await self.local.deliver(job)
         if job is not None:
             return await self.dispatcher.deliver(job)
         out = []

@@ -1,0 +1,519 @@
+"""Maildir delivery, compatible with Dovecot's (and Courier's) Maildir++.
+
+Takes: a Maildir root (``mailbox``), the spool body file of a message (``message_path``,
+CRLF line ends, as received), the envelope sender and recipient for the trace headers,
+the host name for the file name, and optionally a Maildir++ ``folder``, the ``owner``
+(uid, gid) of the mailbox and a :class:`Quota`.
+
+Promises:
+- :func:`deliver` returns the new file's name only when the message is durable in
+  ``new/``: written to ``tmp/``, fsync'd, ``link()``ed (never renamed over anything)
+  into ``new/``, the ``tmp/`` name removed and ``new/`` fsync'd. A crash before the link
+  leaves at most a file in ``tmp/`` (Dovecot deletes ``tmp/`` files older than 36 hours
+  when it next syncs the folder); ``new/`` never holds a partial file. Delivery is
+  at-least-once: a crash after the link but before the caller records the outcome
+  delivers the message again on the retry.
+- The stored file is ``Return-Path: <sender>`` (``<>`` for the null sender, RFC 5321
+  §4.4), ``Delivered-To: recipient`` (RFC 9228; the bare addr-spec, as Postfix and
+  Dovecot's LMTP write it), then the message bytes, with every CRLF stored as LF: the
+  Unix convention that
+  Postfix's local(8)/virtual(8) and Dovecot's own LDA/LMTP (``mail_save_crlf = no``)
+  follow, so tools that read Maildirs directly see text files, and Dovecot turns LF back
+  into CRLF for IMAP. A bare CR or a bare LF in the body (possible only with BINARYMIME)
+  is stored as it is; a CR right before a CRLF is indistinguishable on disk from a CRLF
+  and reads back as one line end. The body is streamed in :data:`CHUNK` pieces (messages
+  of 50 MB and more in bounded memory).
+- The name is unique without any check (cr.yp.to/proto/maildir.html; Dovecot's
+  conventions): ``<secs>.M<usecs>P<pid>Q<n>R<random>.<host>,S=<size>,W=<vsize>``:
+  seconds and microseconds of the delivery, the process id, this process's delivery
+  counter, 64 random bits in hex, the host name with ``/``, ``:`` (as the spec says) and
+  ``,`` (so that Dovecot's ``,S=`` field parsing stays unambiguous) written ``\\057``,
+  ``\\072``, ``\\054``. ``S=`` is the file's size (Dovecot's quota and ours use it
+  instead of a stat); ``W=`` its size with CRLF line ends (IMAP's RFC822.SIZE, which
+  Dovecot then need not compute; it must be exact: Dovecot checks it when it reads the
+  file, and a wrong one fails the FETCH and is renamed away). The ``tmp/`` name is the
+  same without the sizes. A file in ``new/`` has no ``:2,`` info part: flags are the
+  reader's business.
+- The Maildir (``tmp/``, ``new/``, ``cur/``, mode 0700) is created when missing, with
+  missing parents; a ``folder`` is the Maildir++ subfolder ``.<folder>`` (``.`` is the
+  hierarchy separator: ``a.b`` is IMAP's ``a/b``) with its own ``tmp/new/cur`` and an
+  empty ``maildirfolder`` file, as Dovecot and Courier make them. It is not subscribed
+  (IMAP LIST shows it, LSUB does not). With ``owner``, everything created in the Maildir
+  and the message file belong to ``owner``; parent directories created above the
+  Maildir (e.g. ``/var/mail/example.org``) take the owner and group of the directory
+  they are created in, mode 0711: a shared virtual-mail base owned by ``vmail`` stays
+  ``vmail``'s all the way down (so Dovecot, running as ``vmail``, can make mailboxes
+  there itself), and a root-owned base does not end up owned by the first user who got
+  mail. Every directory created is made durable (its parent fsync'd); a process's first
+  delivery into a mailbox also fsyncs the Maildir and its parent, so a mailbox another
+  process was just creating is durable before this process says "delivered".
+- Directories inside the Maildir are opened with ``O_NOFOLLOW`` and the file made and
+  linked relative to them: a symbolic link put in place of ``new/`` or ``tmp/`` by
+  whoever owns the Maildir makes delivery fail (``451 4.2.0``) rather than write
+  elsewhere. (Root delivering into directories that users control is still best done by
+  a helper running as the user, DESIGN's OpenSMTPD/Postfix lesson.)
+- Quota: with a :class:`Quota`, the mailbox's usage (:func:`usage`: the messages in
+  ``new/`` and ``cur/`` of the root and of every ``.folder``, sized by the ``S=`` in their
+  names, by ``stat`` otherwise) plus this message must stay within both limits, or the
+  delivery fails with :data:`OVER_QUOTA` (checked before writing, with the usage alone,
+  and after, with the exact size; ``452 4.2.2``, temporary: the queue retries,
+  and the caller turns it into ``5.2.2`` in the bounce when the lifetime ends). The scan
+  is the truth, whatever wrote the Maildir; the Maildir++ ``maildirsize`` file is not
+  read (its limits may be another program's, its sums stale), but when it exists a
+  ``<size> 1`` line is appended for each delivery, as Maildir++ delivery agents do, so
+  Dovecot's and Courier's quota stay current. Concurrent deliveries may overrun the
+  limit by the messages in flight (a soft limit, as with Dovecot and Courier).
+- Safe in threads and processes: any number may deliver into one Maildir at once.
+
+Failure policy: every failure raises :class:`MaildirError` with its :class:`Reply`:
+``ENOSPC`` → ``452 4.3.1``; ``EDQUOT`` (the file system's quota) and :class:`Quota` →
+``452 4.2.2``; permission and path problems (``EACCES``, ``EPERM``, ``ENOTDIR``,
+``ELOOP``, ``EROFS``...) → ``451 4.2.0`` naming the path, for an operator to fix, never a
+bounce; a missing or unreadable ``message_path`` and anything else from the OS →
+``451 4.3.0``. Reply texts carry at most ``strerror``, never an exception's text.
+Nothing is left in ``new/`` by a failed delivery, and its ``tmp/`` file is removed.
+Bad arguments (a line break in an address, a folder :func:`valid_folder` refuses) are
+the caller's bug: ValueError.
+Config keys: none itself; the ``maildir`` action's ``path`` gives ``mailbox``.
+Standards: the Maildir spec (cr.yp.to/proto/maildir.html), Maildir++ folders and quota
+(Courier's README.maildirquota), Dovecot's Maildir conventions (``S=``/``W=``), RFC 5321
+§4.4 (Return-Path), RFC 9228 (Delivered-To).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tayori.errors import Reply
+
+CHUNK = 256 * 1024
+PARENT_MODE = 0o711    # directories created above a Maildir
+MAILDIR_MODE = 0o700
+FILE_MODE = 0o600
+NAME_TRIES = 20        # fresh names tried when one exists already (never happens)
+_KNOWN_MAX = 10_000    # mailboxes this process remembers having made durable
+
+OVER_QUOTA = Reply(452, "4.2.2", "Mailbox full")
+NO_SPACE = Reply(452, "4.3.1", "Insufficient system storage")
+DISK_QUOTA = Reply(452, "4.2.2", "Mailbox full (disk quota exceeded)")
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PATH_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP,
+                          errno.EROFS, errno.EISDIR, errno.ENAMETOOLONG})
+_SIZE_FIELD = re.compile(r",S=(\d+)")
+_FOLDER = re.compile(r"[A-Za-z0-9_=+@-][A-Za-z0-9_=+@ -]*")
+
+
+class MaildirError(Exception):
+    """A delivery that did not happen; ``reply`` says why (4xx temporary, 5xx permanent)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Limits for one mailbox; None: no limit of that kind."""
+
+    bytes: int | None = None
+    messages: int | None = None
+
+    def allows(self, used: Usage, size: int) -> bool:
+        """True when a message of ``size`` octets fits beside ``used``."""
+        if self.bytes is not None and used.bytes + size > self.bytes:
+            return False
+        return self.messages is None or used.messages + 1 <= self.messages
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    bytes: int
+    messages: int
+
+
+def valid_folder(name: str) -> bool:
+    """True for a folder name :func:`deliver` takes: ASCII letters, digits, ``_=+@-``
+    and spaces, in parts joined by ``.`` (the Maildir++ hierarchy separator), none empty,
+    and not INBOX. (A +tag is the sender's choice: check it, and deliver to INBOX when
+    this says no.)"""
+    if not name or name.upper() == "INBOX" or len(name) > 200:
+        return False
+    return all(_FOLDER.fullmatch(part) and part == part.strip() for part in name.split("."))
+
+
+def usage(mailbox: str) -> Usage:
+    """What the messages in ``mailbox`` (root and Maildir++ folders, ``new/`` and
+    ``cur/``) hold. A missing mailbox holds nothing. Raises OSError."""
+    total = count = 0
+    try:
+        folders = [entry.path for entry in os.scandir(mailbox)
+                   if entry.name.startswith(".") and entry.name not in (".", "..")
+                   and entry.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return Usage(0, 0)
+    for box in (mailbox, *folders):
+        for sub in ("new", "cur"):
+            try:
+                entries = list(os.scandir(os.path.join(box, sub)))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                size = _size_in_name(entry.name)
+                if size is None:
+                    try:
+                        size = entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:   # moved to cur/ or expunged meanwhile
+                        continue
+                total += size
+                count += 1
+    return Usage(total, count)
+
+
+def deliver(mailbox: str, message_path: str, *, return_path: str, delivered_to: str,
+            hostname: str, folder: str = "", owner: tuple[int, int] | None = None,
+            quota: Quota | None = None) -> str:
+    """Store the message in ``mailbox`` (or its ``folder``); the name it got in ``new/``.
+
+    Returns only once the file is durable in ``new/``. Raises :class:`MaildirError`
+    (nothing delivered), ValueError for arguments no caller should pass (a line break in
+    an address or the host name, a folder name :func:`valid_folder` refuses).
+    """
+    header = _trace_header(return_path, delivered_to)
+    if folder and not valid_folder(folder):
+        raise ValueError(f"invalid Maildir folder name: {folder!r}")
+    host = _escape_host(hostname)
+    try:
+        source = os.open(message_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MaildirError(Reply(451, "4.3.0", "Queued message file is missing")) from None
+    except OSError as exc:
+        raise MaildirError(Reply(451, "4.3.0", "Cannot read the queued message: "
+                                 f"{_strerror(exc)}")) from None
+    root = os.path.abspath(mailbox)
+    try:
+        with _Target.open(root, folder, owner) as target:
+            return target.store(header, source, host, owner, quota)
+    except OSError as exc:
+        raise MaildirError(_reply_for(exc, root)) from None
+    finally:
+        os.close(source)
+
+
+# --- the mailbox's directories ------------------------------------------------------------
+
+
+_known: set[tuple[str, str]] = set()   # (root, folder) made durable by this process
+_known_lock = threading.Lock()
+
+
+class _Target:
+    """Open descriptors of the Maildir root, of the box delivered into (the root or a
+    folder) and of its ``tmp/`` and ``new/``; creates what is missing."""
+
+    def __init__(self, root: str, folder: str) -> None:
+        self.root_path = root
+        self.box_path = os.path.join(root, "." + folder) if folder else root
+        self.fds: list[int] = []
+        self.root = self.box = self.tmp = self.new = -1
+        self.dirty: set[int] = set()   # directories whose entries this delivery added
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, root: str, folder: str, owner: tuple[int, int] | None
+             ) -> Iterator[_Target]:
+        target = cls(root, folder)
+        try:
+            target._open(folder, owner)
+            yield target
+        finally:
+            for fd in target.fds:
+                os.close(fd)
+
+    def _keep(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+    def _open(self, folder: str, owner: tuple[int, int] | None) -> None:
+        root = self.root_path
+        # The root's own path may hold symbolic links (the operator's); inside the
+        # Maildir, which its owner controls, none is followed.
+        try:
+            self.root = self._keep(os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW))
+        except FileNotFoundError:
+            _make_root(root, owner)
+            self.root = self._keep(os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW))
+        self.box = self.root
+        if folder:   # the root is a Maildir too (INBOX), whatever is delivered first
+            for name in ("tmp", "new", "cur"):
+                os.close(self._subdir(self.root, root, name, owner, keep=False))
+            self.box = self._subdir(self.root, root, "." + folder, owner)
+        self.tmp = self._subdir(self.box, self.box_path, "tmp", owner)
+        self.new = self._subdir(self.box, self.box_path, "new", owner)
+        os.close(self._subdir(self.box, self.box_path, "cur", owner, keep=False))
+        if folder:
+            with _naming(self.box_path, "maildirfolder"):
+                self._mark_folder(owner)
+        key = (root, folder)
+        if key not in _known:
+            # Another process may have just made these and not yet fsync'd them.
+            _fsync_path(os.path.dirname(root))
+            self.dirty.update((self.root, self.box))
+        for fd in self.dirty:
+            os.fsync(fd)
+        if key not in _known:
+            with _known_lock:
+                if len(_known) >= _KNOWN_MAX:
+                    _known.clear()
+                _known.add(key)
+
+    def _subdir(self, parent: int, parent_path: str, name: str,
+                owner: tuple[int, int] | None, keep: bool = True) -> int:
+        with _naming(parent_path, name):
+            created = True
+            try:
+                os.mkdir(name, MAILDIR_MODE, dir_fd=parent)
+            except FileExistsError:
+                created = False
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            if keep:
+                self._keep(fd)
+            if created:
+                self.dirty.add(parent)
+                os.fchmod(fd, MAILDIR_MODE)
+                if owner is not None:
+                    os.fchown(fd, *owner)
+            return fd
+
+    def _mark_folder(self, owner: tuple[int, int] | None) -> None:
+        """The empty ``maildirfolder`` file that marks a Maildir++ folder."""
+        try:
+            fd = os.open("maildirfolder", os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                         os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE, dir_fd=self.box)
+        except FileExistsError:
+            return
+        try:
+            if owner is not None:
+                os.fchown(fd, *owner)
+        finally:
+            os.close(fd)
+        self.dirty.add(self.box)
+
+    # --- storing ----------------------------------------------------------------------
+
+    def store(self, header: bytes, source: int, host: str, owner: tuple[int, int] | None,
+              quota: Quota | None) -> str:
+        used = usage(self.root_path) if quota is not None else Usage(0, 0)
+        if quota is not None and not quota.allows(used, 0):   # full before a byte is written
+            raise MaildirError(OVER_QUOTA)
+        with _naming(self.box_path, "tmp"):
+            base, fd = self._create_tmp(host)
+        try:
+            with _naming(self.box_path, "tmp"):
+                try:
+                    if owner is not None:
+                        os.fchown(fd, *owner)
+                    size, vsize = _copy(fd, header, source)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if quota is not None and not quota.allows(used, size):
+                raise MaildirError(OVER_QUOTA)
+            name = f"{base},S={size},W={vsize}"
+            with _naming(self.box_path, "new"):
+                for _ in range(NAME_TRIES):
+                    try:
+                        os.link(base, name, src_dir_fd=self.tmp, dst_dir_fd=self.new,
+                                follow_symlinks=False)
+                        break
+                    except FileExistsError:
+                        name = f"{_unique_base(host)},S={size},W={vsize}"
+                else:
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(base, dir_fd=self.tmp)
+        with _naming(self.box_path, "new"):
+            os.fsync(self.new)
+        self._note_size(size)
+        return name
+
+    def _create_tmp(self, host: str) -> tuple[str, int]:
+        for _ in range(NAME_TRIES):
+            base = _unique_base(host)
+            try:
+                fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                             os.O_CLOEXEC, FILE_MODE, dir_fd=self.tmp)
+            except FileExistsError:
+                continue
+            return base, fd
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+
+    def _note_size(self, size: int) -> None:
+        """Append to Maildir++ ``maildirsize`` when there is one (best effort: Dovecot
+        and Courier recalculate it when it looks wrong)."""
+        try:
+            fd = os.open("maildirsize", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, dir_fd=self.root)
+        except OSError:
+            return
+        with contextlib.suppress(OSError):
+            os.write(fd, f"{size} 1\n".encode())
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _naming(directory: str, name: str) -> Iterator[None]:
+    """Give an OSError from a call relative to a directory descriptor the full path
+    (the reply names it for the operator)."""
+    try:
+        yield
+    except OSError as exc:
+        exc.filename = os.path.join(directory, name)
+        raise
+
+
+def _make_root(root: str, owner: tuple[int, int] | None) -> None:
+    """Create the Maildir root directory and any missing parents, each made durable."""
+    missing: list[str] = []
+    path = root
+    while not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    above = os.stat(path)   # the nearest existing ancestor (ENOTDIR when it is a file)
+    for directory in reversed(missing):
+        is_root = directory == root
+        try:
+            os.mkdir(directory, MAILDIR_MODE if is_root else PARENT_MODE)
+        except FileExistsError:   # made meanwhile by a concurrent delivery
+            if not os.path.isdir(directory):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                         directory) from None
+            continue
+        os.chmod(directory, MAILDIR_MODE if is_root else PARENT_MODE)  # whatever the umask
+        if owner is not None:
+            os.chown(directory, *(owner if is_root else (above.st_uid, above.st_gid)),
+                     follow_symlinks=False)
+        _fsync_path(os.path.dirname(directory))
+
+
+def _fsync_path(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- the file -----------------------------------------------------------------------------
+
+
+def _copy(fd: int, header: bytes, source: int) -> tuple[int, int]:
+    """Write ``header`` and the CRLF message from ``source`` with LF line ends; the
+    file's size and its size with CRLF line ends (Dovecot's virtual size)."""
+    size = vsize = 0
+    pending = b""
+    after_cr = False   # the last octet written was a CR
+
+    def put(data: bytes) -> None:
+        nonlocal size, vsize, after_cr
+        if not data:
+            return
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        size += len(data)
+        # A LF without a CR before it counts twice (IMAP sends it as CRLF).
+        bare = data.count(b"\n") - data.count(b"\r\n")
+        if after_cr and data.startswith(b"\n"):
+            bare -= 1
+        vsize += len(data) + bare
+        after_cr = data.endswith(b"\r")
+
+    put(header)
+    while True:
+        try:
+            chunk = os.read(source, CHUNK)
+        except OSError as exc:
+            raise MaildirError(Reply(451, "4.3.0", "Cannot read the queued message: "
+                                     f"{_strerror(exc)}")) from None
+        if not chunk:
+            break
+        data = pending + chunk if pending else chunk
+        # A CR at the end may be the first half of a CRLF split between two reads.
+        pending = b"\r" if data.endswith(b"\r") else b""
+        if pending:
+            data = data[:-1]
+        put(data.replace(b"\r\n", b"\n"))
+    if pending:
+        put(pending)
+    return size, vsize
+
+
+def _trace_header(return_path: str, delivered_to: str) -> bytes:
+    for value in (return_path, delivered_to):
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError(f"line break or NUL in an address: {value!r}")
+    if not delivered_to:
+        raise ValueError("empty Delivered-To address")
+    return f"Return-Path: <{return_path}>\nDelivered-To: {delivered_to}\n".encode()
+
+
+_counter = 0
+_counter_lock = threading.Lock()
+
+
+def _unique_base(host: str) -> str:
+    global _counter
+    with _counter_lock:
+        _counter += 1
+        number = _counter
+    now = time.time_ns()
+    seconds, micros = divmod(now // 1000, 1_000_000)
+    return f"{seconds}.M{micros}P{os.getpid()}Q{number}R{secrets.token_hex(8)}.{host}"
+
+
+def _escape_host(hostname: str) -> str:
+    if not hostname or any(c in hostname for c in "\r\n\0"):
+        raise ValueError(f"invalid host name for a Maildir file name: {hostname!r}")
+    return hostname.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+
+
+def _size_in_name(name: str) -> int | None:
+    match = _SIZE_FIELD.search(name.partition(":")[0])
+    return int(match.group(1)) if match else None
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def _strerror(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else "I/O error"
+
+
+def _printable(path: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in path)
+
+
+def _reply_for(exc: OSError, root: str) -> Reply:
+    if exc.errno == errno.ENOSPC:
+        return NO_SPACE
+    if exc.errno == errno.EDQUOT:
+        return DISK_QUOTA
+    path = _printable(exc.filename if isinstance(exc.filename, str) else root)
+    if exc.errno in _PATH_ERRORS:
+        return Reply(451, "4.2.0", f"Cannot deliver to mailbox {path}: {_strerror(exc)}")
+    return Reply(451, "4.3.0", f"Mailbox {path} unavailable: {_strerror(exc)}")
