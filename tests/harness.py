@@ -66,6 +66,8 @@ def toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(value)
 
 
@@ -108,6 +110,8 @@ class Tayori:
     queue: dict[str, Any] = field(default_factory=dict)
     dns: dict[str, Any] = field(default_factory=dict)
     remote: dict[str, Any] = field(default_factory=dict)   # [actions.remote] options
+    local: dict[str, Any] = field(default_factory=dict)    # [actions.local] options
+    tables: dict[str, Any] = field(default_factory=dict)   # more [tables]
     hostname: str = "mx.tayori.test"
     user: str = ""
     process: subprocess.Popen[bytes] | None = None
@@ -137,8 +141,9 @@ class Tayori:
             toml_table("[queue]", {"suspended": not self.deliver, **self.queue}),
             toml_table("[dns]", self.dns),
             toml_table("[tables]", {"local_domains": self.local_domains,
-                                    "trusted_networks": self.trusted}),
-            '[actions.local]\ndeliver = "maildir"\npath = "mail/{domain}/{user}/"\n',
+                                    "trusted_networks": self.trusted, **self.tables}),
+            toml_table("[actions.local]", {"deliver": "maildir", "path": "mail/{domain}/{user}/",
+                                           **self.local}),
             toml_table("[actions.remote]", {"deliver": "mx", **self.remote}),
             '[[match]]\nto = "local_domains"\naction = "local"\n',
             '[[match]]\nfrom = "trusted_networks"\nto = "any"\naction = "remote"\n',

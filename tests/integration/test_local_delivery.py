@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import Tayori, queued_id, wait_for
+from harness import Tayori, free_port, queued_id, wait_for
+from tayori.testing.peer import SmtpPeer
 
 MESSAGE = (b"From: Alice <alice@example.net>\r\nTo: u@tayori.test\r\nSubject: local\r\n"
            b"Message-ID: <local1@example.net>\r\n\r\nHello.\r\n.dot line\r\n")
@@ -51,3 +52,90 @@ def test_a_local_part_that_would_leave_the_mail_directory_bounces(
     wait_for(lambda: f"bounced queue_id={queue_id}" in tayori.log(), what="the bounce")
     assert "5.1.3" in tayori.log()
     assert not any(p.name == "escape" for p in tayori.root.rglob("escape"))
+
+
+ALIASES = """\
+# aliases(5)
+team: u, v,
+  w@tayori.test
+outside: far@dest.test
+loop1: loop2@tayori.test
+loop2: loop1@tayori.test
+listed: :include:{include}
+archive: /{root}/archive.mbox
+"""
+
+
+def with_aliases(make_tayori: Callable[..., Tayori], tmp_path: Path, **options: object
+                 ) -> Tayori:
+    (tmp_path / "members").write_text("x\ny@tayori.test\n")
+    (tmp_path / "aliases").write_text(ALIASES.format(include=tmp_path / "members",
+                                                     root=str(tmp_path).lstrip("/")))
+    (tmp_path / "users").write_text("u\nv\nw\nx\ny\n")
+    return make_tayori(deliver=True, local={"users": "users", "aliases": "aliases"},
+                       tables={"users": {"file": str(tmp_path / "users")},
+                               "aliases": {"file": str(tmp_path / "aliases"),
+                                           "format": "aliases"}}, **options)
+
+
+def mailbox(tayori: Tayori, user: str) -> Path:
+    return tayori.root / "mail" / "tayori.test" / user
+
+
+def test_unknown_local_user_is_refused_at_rcpt_postmaster_always_accepted(
+        make_tayori: Callable[..., Tayori], tmp_path: Path) -> None:
+    tayori = with_aliases(make_tayori, tmp_path)
+    with tayori.client() as client:
+        client.greeting_and_ehlo()
+        client.expect_cmd("MAIL FROM:<a@example.net>", 250)
+        assert client.cmd("RCPT TO:<nobody@tayori.test>").text.startswith("5.1.1")
+        client.expect_cmd("RCPT TO:<nobody@tayori.test>", 550)
+        client.expect_cmd("RCPT TO:<U+tag@tayori.test>", 250)     # subaddress, any case
+        client.expect_cmd("RCPT TO:<team@tayori.test>", 250)      # an alias
+        client.expect_cmd("RCPT TO:<postmaster@tayori.test>", 250)
+        client.expect_cmd("RCPT TO:<Postmaster>", 250)
+
+
+def test_alias_fan_out_and_include(make_tayori: Callable[..., Tayori],
+                                   tmp_path: Path) -> None:
+    tayori = with_aliases(make_tayori, tmp_path)
+    queue_id = send(tayori, "alice@example.net", ["team@tayori.test", "listed@tayori.test"])
+    for user in ("u", "v", "w", "x", "y"):
+        wait_for(lambda user=user: len(new_files(mailbox(tayori, user))) == 1,
+                 what=f"the message in {user}'s mailbox")
+    wait_for(lambda: not tayori.envelopes(), what="the queue to empty")
+    body = new_files(mailbox(tayori, "w"))[0].read_bytes()
+    assert body.startswith(b"Return-Path: <alice@example.net>\nDelivered-To: w@tayori.test\n")
+    assert f"delivered queue_id={queue_id} to=team@tayori.test" in tayori.log()
+
+
+def test_alias_loop_bounces_instead_of_looping(make_tayori: Callable[..., Tayori],
+                                              tmp_path: Path) -> None:
+    tayori = with_aliases(make_tayori, tmp_path)
+    queue_id = send(tayori, "", ["loop1@tayori.test"])
+    wait_for(lambda: f"bounced queue_id={queue_id}" in tayori.log(), what="the loop to end")
+    assert "5.4.6" in tayori.log()
+    wait_for(lambda: not tayori.envelopes(), what="the queue to empty")
+
+
+def test_alias_to_a_file(make_tayori: Callable[..., Tayori], tmp_path: Path) -> None:
+    tayori = with_aliases(make_tayori, tmp_path)
+    send(tayori, "alice@example.net", ["archive@tayori.test"],
+         MESSAGE + b"From the start of a line\r\n")
+    archive = tmp_path / "archive.mbox"
+    wait_for(lambda: archive.exists() and archive.stat().st_size > 0, what="the mbox")
+    text = archive.read_bytes()
+    assert text.startswith(b"From alice@example.net ")
+    assert b"\n>From the start of a line\n" in text and b"Delivered-To: archive@tayori.test" \
+        in text
+
+
+def test_alias_to_a_remote_address_goes_out(make_tayori: Callable[..., Tayori],
+                                            tmp_path: Path) -> None:
+    with SmtpPeer("127.0.0.1", free_port()) as sink:
+        tayori = with_aliases(make_tayori, tmp_path, remote={
+            "deliver": "relay", "host": f"[127.0.0.1]:{sink.port}", "tls": "none"})
+        send(tayori, "alice@example.net", ["outside@tayori.test"],)
+        [got] = sink.wait_for_messages(1)
+    assert got.recipients == ("far@dest.test",) and got.sender == "alice@example.net"
+    assert "ORCPT=rfc822;outside@tayori.test" in got.rcpt_params[0]

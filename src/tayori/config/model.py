@@ -36,6 +36,7 @@ from tayori.config.schema import (
     required,
     setting,
 )
+from tayori.route.aliases import AliasError, parse_aliases
 
 
 def _parse_endpoint(text: str) -> tuple[str, int]:
@@ -203,11 +204,12 @@ class DnsConfig:
 
 DELIVERY_KINDS = ("maildir", "lmtp", "mx", "relay", "pipe")
 _REMOTE_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address"}
-_ACTION_KEYS = {"maildir": {"path"}, "lmtp": {"host", "max_connections"},
+_ACTION_KEYS = {"maildir": {"path", "users", "aliases", "subaddress"},
+                "lmtp": {"host", "max_connections"},
                 "relay": {"host", "auth_user", "auth_password"} | _REMOTE_KEYS,
                 "pipe": {"command"}, "mx": {"port"} | _REMOTE_KEYS}
 _OPTIONAL_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address", "port",
-                  "auth_user", "auth_password"}
+                  "auth_user", "auth_password", "users", "aliases", "subaddress"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +220,14 @@ class ActionConfig:
     host: str = setting("", STRING, '`relay`, `lmtp`: next hop, "[host]:port" (or a unix '
                         "socket path for lmtp).")
     command: str = setting("", STRING, "`pipe`: the command that receives the message.")
+    users: str = setting("", STRING, "`maildir`: a table of the local parts (or addresses) "
+                         "that have a mailbox; others, unless aliases, are refused at RCPT "
+                         "with 550 5.1.1. Empty (with no `aliases`): every local part.")
+    aliases: str = setting("", STRING, "`maildir`: a table with `format = \"aliases\"` "
+                           "(aliases(5)): names that expand to local names, addresses, "
+                           "`|command`, `/file` or `:include:/file`.")
+    subaddress: str = setting("+", STRING, "`maildir`: the delimiter of `user+tag`; the tag "
+                              "is ignored when looking the user up. Empty: none.")
     port: int = setting(25, INT, "`mx`: the port of the MX hosts.")
     tls: str = setting("may", enum("none", "may", "encrypt", "verify"),
                        "`mx`, `relay`: STARTTLS policy. `may`: when offered, falling back to "
@@ -244,10 +254,13 @@ class MatchConfig:
 
 @dataclass(frozen=True, slots=True)
 class Table:
-    """A named list of domains or networks (inline, or one entry per line of a file)."""
+    """A named list (of domains, networks, users: inline, or one entry per line of a
+    file), or an aliases(5) file (``format = "aliases"``: ``entries`` are its names)."""
 
     name: str
     entries: tuple[str, ...]
+    path: str = ""
+    format: str = "list"
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +307,7 @@ def from_document(doc: dict[str, Any], file: str, base: str) -> Config:
         raise ConfigError(file, "listen", "no listener is configured",
                           'at least one [[listen]] with address = "IP:port"')
     tables = _tables(doc.get("tables", {}), file, base)
-    actions = _actions(doc.get("actions", {}), file)
+    actions = _actions(doc.get("actions", {}), file, tables)
     rules = tuple(_match(item, i, file, tables, actions)
                   for i, item in enumerate(_array(doc, "match", file)))
     for i, listener in enumerate(listeners):
@@ -322,14 +335,35 @@ def _tables(raw: Any, file: str, base: str) -> dict[str, Table]:
         if name in RESERVED_NAMES:
             raise ConfigError(file, key, "is a reserved word", "another table name")
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            entries = tuple(value)
-        elif isinstance(value, dict) and set(value) == {"file"} and isinstance(value["file"], str):
-            entries = _read_table_file(os.path.join(base, value["file"]), file, key)
+            tables[name] = Table(name, tuple(e.strip() for e in value if e.strip()))
+        elif isinstance(value, dict) and "file" in value and set(value) <= {"file", "format"} \
+                and isinstance(value["file"], str):
+            tables[name] = _file_table(name, value, os.path.join(base, value["file"]), file)
         else:
             raise ConfigError(file, key, "must be a list of strings or {file = PATH}",
-                              '["example.org", ...] or { file = "/etc/tayori/domains" }')
-        tables[name] = Table(name, tuple(e.strip() for e in entries if e.strip()))
+                              '["example.org", ...] or { file = "/etc/tayori/domains" } '
+                              '(with format = "aliases" for an aliases(5) file)')
     return tables
+
+
+def _file_table(name: str, value: dict[str, Any], path: str, file: str) -> Table:
+    key = f"tables.{name}"
+    form = value.get("format", "list")
+    if form == "list":
+        entries = _read_table_file(path, file, key)
+        return Table(name, tuple(e.strip() for e in entries if e.strip()), path)
+    if form != "aliases":
+        raise ConfigError(file, f"{key}.format", f"unknown format {form!r}", "list | aliases")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            aliases = parse_aliases(handle.read())
+    except OSError as exc:
+        raise ConfigError(file, key, f"cannot read {path}: {exc.strerror}",
+                          "a readable aliases(5) file") from None
+    except (UnicodeDecodeError, AliasError) as exc:
+        raise ConfigError(file, key, f"{path}: {exc}", "aliases(5): name: target, ...") \
+            from None
+    return Table(name, tuple(aliases), path, "aliases")
 
 
 def _read_table_file(path: str, file: str, key: str) -> tuple[str, ...]:
@@ -342,7 +376,7 @@ def _read_table_file(path: str, file: str, key: str) -> tuple[str, ...]:
     return tuple(line.split("#", 1)[0] for line in lines)
 
 
-def _actions(raw: Any, file: str) -> dict[str, ActionConfig]:
+def _actions(raw: Any, file: str, tables: dict[str, Table]) -> dict[str, ActionConfig]:
     if not isinstance(raw, dict):
         raise ConfigError(file, "actions", "must be a table", "[actions.NAME] sections")
     actions = {}
@@ -364,6 +398,12 @@ def _actions(raw: Any, file: str) -> dict[str, ActionConfig]:
                 raise ConfigError(file, f"actions.{name}.host", str(exc),
                                   '"[host]:port", "host:port", "IP:port" or, for lmtp, a '
                                   "unix socket path") from None
+        for key, form in (("users", "list"), ("aliases", "aliases")):
+            named = getattr(action, key)
+            if named and (named not in tables or tables[named].format != form):
+                raise ConfigError(file, f"actions.{name}.{key}",
+                                  f"no {form} table named {named!r}",
+                                  f"a table under [tables] with format {form!r}")
         actions[name] = action
     return actions
 

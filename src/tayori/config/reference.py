@@ -74,6 +74,12 @@ TABLES = """\
 form (`"192.0.2.0/24"`, `"::1/128"`); used as `to` it holds domains (`"example.org"`,
 `"*.example.org"` for its subdomains, `"[192.0.2.1]"` for an address literal). The
 names `any` and `authenticated` are reserved.
+
+`NAME = { file = "PATH", format = "aliases" }` reads an aliases(5) file for a `maildir`
+action's `aliases`: `name: target, target, ...`, continuation lines start with white
+space, `#` starts a comment; a target is a local name, an address, `|command`, `/file`
+(an mbox, appended under a lock) or `:include:/file`. Alias files are read again when
+they change.
 """
 
 

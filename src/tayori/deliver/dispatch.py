@@ -46,6 +46,7 @@ from tayori.deliver.client import (
 )
 from tayori.dns import DnsTemporaryError, NxDomain, Resolver
 from tayori.errors import INTERNAL_ERROR, Reply
+from tayori.queue.spool import RecipientRecord
 from tayori.queue.store import Claim, QueuedMessage
 from tayori.route.mx import RouteError, mx_hops
 from tayori.smtp.client import MailOptions
@@ -69,6 +70,7 @@ class Result:
     tls: str | None = None            # "TLSv1.3 TLS_AES_256_GCM_SHA384", for the log
     dsn_passed_on: bool = False       # the peer took NOTIFY/ORCPT (RFC 3461 §4.2)
     final: bool = False               # LMTP: delivered into the mailbox store
+    expanded: tuple[RecipientRecord, ...] = ()   # an alias: the recipients it became
 
 
 @dataclass(slots=True)

@@ -2,6 +2,12 @@
 
 Takes: a :class:`~tayori.deliver.dispatch.Delivery` whose action is ``deliver =
 "maildir"`` (one recipient per delivery: each has its own mailbox).
+Aliases: a recipient that is an alias of the action's ``aliases`` table becomes the
+recipients it expands to (new rows of the same message, queued at once, routed by the
+match rules like mail tayori writes itself); the alias is reported ``expanded``.
+``|command`` targets run through :mod:`tayori.deliver.pipe`; ``/path`` targets are
+appended to an mbox file (flock, mboxrd quoting, fsync). Expansion deeper than
+:data:`~tayori.route.local.MAX_DEPTH` (a loop through addresses) is ``554 5.4.6``.
 Promises: the mailbox path is the action's ``path`` with ``{user}`` (the local part,
 lower-cased, without a ``+tag``) and ``{domain}`` (the A-label domain, lower-cased)
 filled in; a local part that could leave the mail directory (``/``, a leading dot, NUL,
@@ -18,13 +24,21 @@ Config keys: ``actions.NAME.path``, ``hostname``.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import re
+import time
 
-from tayori.address import AddressError, parse_mailbox
+from tayori import maillog
+from tayori.address import AddressError, parse_mailbox, xtext_decode, xtext_encode
 from tayori.config import Config
 from tayori.deliver import maildir
 from tayori.deliver.dispatch import Delivery, Result
 from tayori.errors import Reply
+from tayori.policy.relay import Rules
+from tayori.queue.spool import RecipientRecord
+from tayori.queue.store import Claim
+from tayori.route.local import MAX_DEPTH, AliasLoop, LocalRecipients
 
 _SAFE_LOCAL = re.compile(r"[^/\x00]+\Z")
 
@@ -50,30 +64,112 @@ def mailbox_path(template: str, address: str) -> str:
 class LocalDeliverer:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.local = LocalRecipients(config)
+        self.rules = Rules(config)
 
     def update(self, config: Config) -> None:
         self.config = config
+        self.local = LocalRecipients(config)
+        self.rules = Rules(config)
 
     async def deliver(self, job: Delivery) -> list[Result]:
+        return [await self._one(job, claim) for claim in job.recipients]
+
+    async def _one(self, job: Delivery, claim: Claim) -> Result:
         loop = asyncio.get_running_loop()
-        results = []
-        for claim in job.recipients:
-            try:
-                path = mailbox_path(job.action.path, claim.address)
-            except MailboxPathError:
-                results.append(Result(Reply(550, "5.1.3", "this local part cannot name a "
-                                            "mailbox")))
+        if claim.address.startswith("|"):
+            return await self._pipe(job, claim)
+        if claim.address.startswith("/"):
+            return await loop.run_in_executor(None, _to_file, claim.address, job, claim)
+        try:
+            targets = self.local.expand(job.action_name, claim.address)
+            if targets is not None and claim.depth >= MAX_DEPTH:
+                raise AliasLoop(claim.address)
+        except AliasLoop:
+            return Result(Reply(554, "5.4.6", f"alias loop for {claim.address}"))
+        if targets is not None:
+            return self._expanded(job, claim, targets)
+        try:
+            path = mailbox_path(job.action.path, claim.address)
+        except MailboxPathError:
+            return Result(Reply(550, "5.1.3", "this local part cannot name a mailbox"))
+        try:
+            name = await loop.run_in_executor(
+                None, _deliver, path, job.path, job.message.sender, claim.address,
+                self.config.hostname)
+        except maildir.MaildirError as exc:
+            return Result(exc.reply, target=f"maildir:{path}")
+        return Result(Reply(250, "2.0.0", f"delivered to maildir as {name}"),
+                      target=f"maildir:{path}", final=True)
+
+    def _expanded(self, job: Delivery, claim: Claim, targets: list[str]) -> Result:
+        """An alias: its targets become recipients of the message (queued now, routed
+        like mail tayori writes itself); the alias itself is done ("expanded")."""
+        orcpt = claim.orcpt or f"rfc822;{xtext_encode(claim.address)}"
+        notify = claim.notify
+        if notify is not None and "SUCCESS" in notify:   # RFC 3461 §6.2.7.4: reported now
+            notify = tuple(n for n in notify if n != "SUCCESS") or ("NEVER",)
+        records = []
+        for target in targets:
+            action = job.action_name if target.startswith(("|", "/")) else \
+                self.rules.route_internal(_domain_of(target))
+            if action is None:
+                maillog.warning("alias-target-dropped", queue_id=job.message.queue_id,
+                                alias=claim.address, target=target,
+                                reason="no match rule routes its domain")
                 continue
-            try:
-                name = await loop.run_in_executor(
-                    None, _deliver, path, job.path, job.message.sender, claim.address,
-                    self.config.hostname)
-            except maildir.MaildirError as exc:
-                results.append(Result(exc.reply, target=f"maildir:{path}"))
-                continue
-            results.append(Result(Reply(250, "2.0.0", f"delivered to maildir as {name}"),
-                                  target=f"maildir:{path}", final=True))
-        return results
+            records.append(RecipientRecord(target, action, orcpt, notify,
+                                           depth=claim.depth + 1))
+        if not records:
+            return Result(Reply(550, "5.1.1", f"the alias {claim.address} leads nowhere"))
+        return Result(Reply(250, "2.1.5", f"alias expanded into {len(records)} "
+                            "recipient(s)"), target="aliases", final=True,
+                      expanded=tuple(records))
+
+    async def _pipe(self, job: Delivery, claim: Claim) -> Result:
+        from tayori.deliver import pipe  # the pipe target of an alias
+
+        original = xtext_decode(claim.orcpt.split(";", 1)[1]) if claim.orcpt else ""
+        reply = await pipe.run_pipe(pipe.PipeRequest(
+            command=claim.address[1:], message_path=job.path, sender=job.message.sender,
+            recipient=original or claim.address, original_recipient=original,
+            hostname=self.config.hostname))
+        return Result(reply, target="pipe", final=reply.is_positive)
+
+
+def _domain_of(address: str) -> str:
+    try:
+        return parse_mailbox(address, utf8=True).ascii_domain
+    except AddressError:
+        return address.rpartition("@")[2].lower()
+
+
+def _to_file(path: str, job: Delivery, claim: Claim) -> Result:
+    """Append to an mbox file (an alias's ``/path`` target), under an exclusive flock,
+    mboxrd quoting (``>From `` lines), fsync'd before the result says delivered."""
+    quoted = re.compile(rb"^(>*From )", re.MULTILINE)
+    try:
+        with open(job.path, "rb") as source:
+            body = source.read().replace(b"\r\n", b"\n")
+        stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime())
+        original = xtext_decode(claim.orcpt.split(";", 1)[1]) if claim.orcpt else path
+        entry = (f"From {job.message.sender or 'MAILER-DAEMON'} {stamp}\n"
+                 f"Return-Path: <{job.message.sender}>\nDelivered-To: {original}\n").encode()
+        entry += quoted.sub(rb">\1", body).rstrip(b"\n") + b"\n\n"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            view = memoryview(entry)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return Result(Reply(451, "4.2.0", f"cannot append to {path}: {exc.strerror}"),
+                      target=f"file:{path}")
+    return Result(Reply(250, "2.0.0", f"appended to {path}"), target=f"file:{path}",
+                  final=True)
 
 
 def _deliver(mailbox: str, message: str, sender: str, recipient: str, hostname: str) -> str:

@@ -101,8 +101,9 @@ def judge(claim: Claim, result: Result, now: float, config: Config,
 
     if 200 <= reply.code < 300:
         wants = notify is not None and "SUCCESS" in notify and not result.dsn_passed_on
-        return Verdict(base, report("delivered" if result.final else "relayed")
-                       if wants else None)
+        action = "expanded" if result.expanded else "delivered" if result.final else "relayed"
+        return Verdict(replace(base, expanded=result.expanded),
+                       report(action) if wants else None)
     fails = notify is None or "FAILURE" in notify
     expires = claim.message.received_at + queue.lifetime
     if reply.is_permanent or now >= expires:

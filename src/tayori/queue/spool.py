@@ -36,7 +36,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     status TEXT,             -- enhanced status of the last outcome, e.g. 4.4.1
     remote_mta TEXT,         -- the host that gave last_reply
     warned INTEGER NOT NULL DEFAULT 0,   -- a delay DSN was sent
+    depth INTEGER NOT NULL DEFAULT 0,    -- alias expansions that led to this recipient
     PRIMARY KEY (message, idx)
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt);
@@ -108,6 +109,7 @@ class RecipientRecord:
     orcpt: str | None = None
     notify: tuple[str, ...] | None = None
     state: str = "queued"
+    depth: int = 0            # alias expansions that led here (0: as received)
     # delivery progress, as the index has it (not part of what was received)
     attempts: int = field(default=0, compare=False)
     next_attempt: float | None = field(default=None, compare=False)
@@ -336,9 +338,9 @@ class Spool:
 
 
 
-_ADDED_COLUMNS = {  # version 2: delivery results per recipient
+_ADDED_COLUMNS = {  # version 2: delivery results per recipient, alias depth
     "last_attempt": "REAL", "status": "TEXT", "remote_mta": "TEXT",
-    "warned": "INTEGER NOT NULL DEFAULT 0"}
+    "warned": "INTEGER NOT NULL DEFAULT 0", "depth": "INTEGER NOT NULL DEFAULT 0"}
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -474,6 +476,15 @@ def _resolve(item: _Commit, error: BaseException | None) -> None:
         item.loop.call_soon_threadsafe(settle)
 
 
+def insert_recipients(db: sqlite3.Connection, queue_id: str, first: int,
+                      recipients: Iterable[RecipientRecord], due: float) -> None:
+    db.executemany(
+        "INSERT INTO recipients (message, idx, address, orcpt, notify, action, state, "
+        "next_attempt, depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(queue_id, first + i, r.address, r.orcpt, ",".join(r.notify) if r.notify else None,
+          r.action, r.state, due, r.depth) for i, r in enumerate(recipients)])
+
+
 def _insert(db: sqlite3.Connection, env: Envelope) -> None:
     db.execute(
         "INSERT INTO messages (id, sender, size, body_type, smtputf8, ret, envid, "
@@ -482,11 +493,7 @@ def _insert(db: sqlite3.Connection, env: Envelope) -> None:
         (env.queue_id, env.sender, env.size, env.body_type, int(env.smtputf8), env.ret,
          env.envid, env.client_address, env.client_name, env.helo, env.protocol,
          env.message_id, env.received_at, env.state))
-    db.executemany(
-        "INSERT INTO recipients (message, idx, address, orcpt, notify, action, state, "
-        "next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [(env.queue_id, i, r.address, r.orcpt, ",".join(r.notify) if r.notify else None,
-          r.action, r.state, env.received_at) for i, r in enumerate(env.recipients)])
+    insert_recipients(db, env.queue_id, 0, env.recipients, env.received_at)
 
 
 def _fsync_dir(path: str) -> None:

@@ -26,7 +26,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from tayori.queue.spool import connect, transaction
+from tayori.queue.spool import RecipientRecord, connect, insert_recipients, transaction
 
 DUE_STATES = ("queued", "deferred")
 _CLAIM_SELECT = ("SELECT r.*, m.sender, m.size, m.body_type, m.smtputf8, m.ret, m.envid, "
@@ -70,6 +70,7 @@ class Claim:
     last_reply: str | None
     last_status: str | None
     remote_mta: str | None
+    depth: int = 0          # alias expansions that led to this recipient
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,7 @@ class Outcome:
     remote_mta: str | None
     at: float
     warned: bool = False
+    expanded: tuple[RecipientRecord, ...] = ()   # an alias: its targets, queued now
 
 
 class QueueStore:
@@ -162,6 +164,14 @@ class QueueStore:
             return self._remove_finished(queue_ids)
 
     def _record(self, outcomes: Iterable[Outcome]) -> None:
+        outcomes = list(outcomes)
+        for outcome in outcomes:
+            if outcome.expanded:
+                row = self._db.execute("SELECT MAX(idx) FROM recipients WHERE message = ?",
+                                       (outcome.queue_id,)).fetchone()
+                if row[0] is not None:   # the message is still there
+                    insert_recipients(self._db, outcome.queue_id, row[0] + 1,
+                                      outcome.expanded, outcome.at)
         self._db.executemany(
             "UPDATE recipients SET state = CASE WHEN :state = 'deferred' AND "
             "(SELECT state FROM messages WHERE id = :id) = 'held' THEN 'held' "
@@ -266,4 +276,4 @@ def _claim(row: sqlite3.Row, messages: dict[str, QueuedMessage]) -> Claim:
     return Claim(message, row["idx"], row["address"], row["orcpt"],
                  tuple(row["notify"].split(",")) if row["notify"] else None, row["action"],
                  row["attempts"], bool(row["warned"]), row["state"] == "cancelled",
-                 row["last_reply"], row["status"], row["remote_mta"])
+                 row["last_reply"], row["status"], row["remote_mta"], row["depth"])

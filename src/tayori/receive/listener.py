@@ -31,6 +31,7 @@ from tayori.queue.spool import Spool
 from tayori.receive import tls
 from tayori.receive.connections import ConnectionTable
 from tayori.receive.session import Session
+from tayori.route.local import LocalRecipients
 from tayori.smtp.server import EXTENSIONS_ALL, Settings
 
 
@@ -49,6 +50,7 @@ class Receiver:
         self.spool = spool
         self.config = config
         self.rules = Rules(config)
+        self.local = LocalRecipients(config)
         self.connections = connections or ConnectionTable(1)
         self._tls: dict[str, ssl.SSLContext] = {}
         self._sockets: list[tuple[Listener, socket.socket]] = []
@@ -95,6 +97,7 @@ class Receiver:
         """Use ``config`` for new sessions. Raises TlsSetupError, keeping the old one."""
         self._load_tls(config)
         self.rules = Rules(config)
+        self.local = LocalRecipients(config)
         self.config = config
         bound = {(lis.host, lis.port) for lis, _ in self._sockets}
         wanted = {item.address for item in config.listen}

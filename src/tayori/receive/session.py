@@ -57,6 +57,7 @@ LINGER_SECONDS = 2.0
 PROXY_TIMEOUT = 10.0
 STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many Received headers: mail loop?")
 _DEBUG = logging.getLogger("tayori.debug.session")
 _session_numbers = itertools.count(1)
@@ -300,6 +301,10 @@ class Session(asyncio.Protocol):
             self._refused("RCPT", RELAY_DENIED, recipient=str(recipient))
             self.engine.reply(RELAY_DENIED)
             return
+        if not self.receiver.local.known(action, f"{recipient.local}@{domain}"):
+            self._refused("RCPT", UNKNOWN_USER, recipient=str(recipient))
+            self.engine.reply(UNKNOWN_USER)
+            return
         self._actions.append(action)
         maillog.event("rcpt", session=self.id, recipient=str(recipient), action=action,
                       notify=",".join(event.params.notify) if event.params.notify else None)
@@ -481,6 +486,7 @@ class Session(asyncio.Protocol):
             mailbox: Mailbox = parse_mailbox(text, utf8=True)
         except AddressError:
             return Reply(501, "5.1.3", "Bad address syntax")
-        if self.receiver.rules.route(self.client_ip, False, mailbox.ascii_domain) is None:
+        action = self.receiver.rules.route(self.client_ip, False, mailbox.ascii_domain)
+        if action is None or not self.receiver.local.known(action, str(mailbox)):
             return Reply(550, "5.1.1", "Recipient address rejected")
         return Reply(250, "2.1.5", f"<{mailbox}>")

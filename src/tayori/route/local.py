@@ -1,0 +1,141 @@
+"""Local recipients: who exists (checked at RCPT) and what an alias expands to.
+
+Takes: the configuration's ``maildir`` actions with their ``users`` table (local parts,
+or whole addresses, that have a mailbox) and ``aliases`` table (a file in aliases(5)
+format: ``name: target, target, ...`` with continuation lines, ``#`` comments; targets
+are local names, addresses, ``|command``, ``/path/file`` and ``:include:/path``).
+Promises:
+- :meth:`LocalRecipients.known` says whether a recipient exists, so that an unknown one
+  is refused at RCPT (``550 5.1.1``) instead of bounced later (DESIGN §2.5). Local parts
+  compare case-insensitively; ``user+tag`` is ``user`` (delimiter ``subaddress``);
+  ``postmaster`` always exists (RFC 5321 §4.5.1). An action without ``users`` and
+  ``aliases`` accepts every local part (the embedded default's behaviour).
+- :meth:`LocalRecipients.expand` returns the final targets of an alias (None for a
+  plain mailbox): names are expanded recursively, ``:include:`` files read, duplicates
+  dropped; a loop or more than :data:`MAX_DEPTH` levels raises :class:`AliasLoop`.
+- Table files are read again when their modification time changes.
+Failure policy: an unreadable table at run time keeps the last good copy and is logged.
+Config keys: ``tables`` (``format = "aliases"``), ``actions.NAME.users``,
+``actions.NAME.aliases``, ``actions.NAME.subaddress``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from tayori import maillog
+from tayori.address import AddressError, parse_mailbox
+from tayori.config import Config
+from tayori.route.aliases import AliasError, parse_aliases, split_targets, target_text
+
+MAX_DEPTH = 20
+MAX_TARGETS = 1000
+
+
+class AliasLoop(Exception):
+    """An alias leads back to itself (or nests too deep): ``554 5.4.6``."""
+
+
+@dataclass(slots=True)
+class _AliasFile:
+    path: str
+    mtime: float = -1.0
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def current(self) -> dict[str, tuple[str, ...]]:
+        try:
+            mtime = os.stat(self.path).st_mtime
+            if mtime != self.mtime:
+                with open(self.path, encoding="utf-8") as handle:
+                    self.aliases = parse_aliases(handle.read())
+                self.mtime = mtime
+        except (OSError, UnicodeDecodeError, AliasError) as exc:
+            maillog.error("aliases-unreadable", file=self.path, reason=str(exc),
+                          kept="the last good copy")
+        return self.aliases
+
+
+class LocalRecipients:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._files: dict[str, _AliasFile] = {}
+
+    def known(self, action_name: str, address: str) -> bool:
+        action = self.config.actions.get(action_name)
+        if action is None or action.deliver != "maildir" or not (action.users or
+                                                                  action.aliases):
+            return True
+        local, domain = self._split(action_name, address)
+        if local == "postmaster" or local in self._aliases(action_name):
+            return True
+        users = self._users(action_name)
+        return local in users or f"{local}@{domain}" in users
+
+    def expand(self, action_name: str, address: str) -> list[str] | None:
+        """The final targets of an alias; None when ``address`` is not an alias."""
+        aliases = self._aliases(action_name)
+        local, domain = self._split(action_name, address)
+        if local not in aliases:
+            return None
+        targets: list[str] = []
+        self._expand(aliases, local, domain, [], targets)
+        return list(dict.fromkeys(targets))[:MAX_TARGETS]
+
+    def _expand(self, aliases: dict[str, tuple[str, ...]], name: str, domain: str,
+                chain: list[str], out: list[str]) -> None:
+        if name in chain or len(chain) >= MAX_DEPTH:
+            raise AliasLoop(" -> ".join([*chain, name]))
+        for target in aliases[name]:
+            if target.startswith(":include:"):
+                for included in self._include(target[len(":include:"):].strip()):
+                    self._one(aliases, included, domain, [*chain, name], out)
+            else:
+                self._one(aliases, target, domain, [*chain, name], out)
+
+    def _one(self, aliases: dict[str, tuple[str, ...]], target: str, domain: str,
+             chain: list[str], out: list[str]) -> None:
+        if target.startswith(("|", "/")) or "@" in target:
+            out.append(target)
+            return
+        name = target.lstrip("\\").lower()   # \name: the mailbox itself, no further alias
+        if name in aliases and not target.startswith("\\"):
+            self._expand(aliases, name, domain, chain, out)
+        else:
+            out.append(f"{name}@{domain}")
+
+    def _include(self, path: str) -> list[str]:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            maillog.error("aliases-include-unreadable", file=path, reason=str(exc))
+            return []
+        lines = (line.split("#", 1)[0] for line in text.splitlines())
+        return [t for line in lines for t in (target_text(p) for p in split_targets(line)) if t]
+
+    def _split(self, action_name: str, address: str) -> tuple[str, str]:
+        delimiter = self.config.actions[action_name].subaddress
+        try:
+            mailbox = parse_mailbox(address, utf8=True)
+            local, domain = mailbox.local, mailbox.ascii_domain.lower()
+        except AddressError:
+            local, _, domain = address.rpartition("@")
+        if delimiter and delimiter in local:
+            local = local.split(delimiter, 1)[0]
+        return local.lower(), domain
+
+    def _users(self, action_name: str) -> frozenset[str]:
+        name = self.config.actions[action_name].users
+        table = self.config.tables.get(name) if name else None
+        return frozenset(e.lower() for e in table.entries) if table else frozenset()
+
+    def _aliases(self, action_name: str) -> dict[str, tuple[str, ...]]:
+        name = self.config.actions[action_name].aliases
+        table = self.config.tables.get(name) if name else None
+        if table is None or not table.path:
+            return {}
+        source = self._files.get(table.path)
+        if source is None:
+            source = self._files[table.path] = _AliasFile(table.path)
+        return source.current()
