@@ -32,7 +32,7 @@ import time
 from tayori import maillog
 from tayori.address import AddressError, parse_mailbox, xtext_decode, xtext_encode
 from tayori.config import Config
-from tayori.deliver import maildir
+from tayori.deliver import maildir, pipe
 from tayori.deliver.dispatch import Delivery, Result
 from tayori.errors import Reply
 from tayori.policy.relay import Rules
@@ -127,8 +127,6 @@ class LocalDeliverer:
                       expanded=tuple(records))
 
     async def _pipe(self, job: Delivery, claim: Claim) -> Result:
-        from tayori.deliver import pipe  # the pipe target of an alias
-
         original = xtext_decode(claim.orcpt.split(";", 1)[1]) if claim.orcpt else ""
         reply = await pipe.run_pipe(pipe.PipeRequest(
             command=claim.address[1:], message_path=job.path, sender=job.message.sender,
