@@ -139,3 +139,25 @@ def test_alias_to_a_remote_address_goes_out(make_tayori: Callable[..., Tayori],
         [got] = sink.wait_for_messages(1)
     assert got.recipients == ("far@dest.test",) and got.sender == "alice@example.net"
     assert "ORCPT=rfc822;outside@tayori.test" in got.rcpt_params[0]
+
+
+def test_quota_full_mailbox_452_at_rcpt_then_deferral_and_5_2_2(
+        make_tayori: Callable[..., Tayori]) -> None:
+    """Two messages fit; the third is refused at RCPT (452 4.2.2). A message that only
+    the data makes too big is deferred, and bounces 5.2.2 when its lifetime ends."""
+    tayori = make_tayori(deliver=True, local={"quota_messages": 2, "quota_bytes": "3K"},
+                         queue={"retry": ["1s"], "lifetime": "4s"})
+    for _ in range(2):
+        send(tayori, "alice@example.net", ["u@tayori.test"])
+    box = tayori.root / "mail" / "tayori.test" / "u"
+    wait_for(lambda: len(new_files(box)) == 2, what="two messages in the mailbox")
+    with tayori.client() as client:
+        client.greeting_and_ehlo()
+        client.expect_cmd("MAIL FROM:<alice@example.net>", 250)
+        reply = client.cmd("RCPT TO:<u@tayori.test>")
+        assert reply.code == 452 and reply.text.startswith("4.2.2")
+    big = MESSAGE + (b"x" * 78 + b"\r\n") * 50
+    queue_id = send(tayori, "", ["v@tayori.test"], big)
+    wait_for(lambda: f"expired queue_id={queue_id}" in tayori.log(), what="the expiry")
+    assert 'reply="452 4.2.2' in tayori.log()
+    assert new_files(tayori.root / "mail" / "tayori.test" / "v") == []

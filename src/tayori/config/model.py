@@ -204,12 +204,14 @@ class DnsConfig:
 
 DELIVERY_KINDS = ("maildir", "lmtp", "mx", "relay", "pipe")
 _REMOTE_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address"}
-_ACTION_KEYS = {"maildir": {"path", "users", "aliases", "subaddress"},
+_MAILDIR_KEYS = {"users", "aliases", "subaddress", "quota_bytes", "quota_messages",
+                 "quota_hard"}
+_ACTION_KEYS = {"maildir": {"path"} | _MAILDIR_KEYS,
                 "lmtp": {"host", "max_connections"},
                 "relay": {"host", "auth_user", "auth_password"} | _REMOTE_KEYS,
                 "pipe": {"command"}, "mx": {"port"} | _REMOTE_KEYS}
 _OPTIONAL_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address", "port",
-                  "auth_user", "auth_password", "users", "aliases", "subaddress"}
+                  "auth_user", "auth_password"} | _MAILDIR_KEYS
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +230,12 @@ class ActionConfig:
                            "`|command`, `/file` or `:include:/file`.")
     subaddress: str = setting("+", STRING, "`maildir`: the delimiter of `user+tag`; the tag "
                               "is ignored when looking the user up. Empty: none.")
+    quota_bytes: int = setting(0, SIZE, "`maildir`: most bytes per mailbox; 0: no limit. "
+                               "Full: 452 4.2.2 at RCPT, or a deferral when only the message "
+                               "makes it full, and a 5.2.2 bounce at the end of the lifetime.")
+    quota_messages: int = setting(0, INT, "`maildir`: most messages per mailbox; 0: no limit.")
+    quota_hard: bool = setting(False, BOOL, "`maildir`: a full mailbox bounces at once "
+                               "(552 5.2.2) instead of waiting for space.")
     port: int = setting(25, INT, "`mx`: the port of the MX hosts.")
     tls: str = setting("may", enum("none", "may", "encrypt", "verify"),
                        "`mx`, `relay`: STARTTLS policy. `may`: when offered, falling back to "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
 import re
 import time
@@ -32,33 +33,20 @@ import time
 from tayori import maillog
 from tayori.address import AddressError, parse_mailbox, xtext_decode, xtext_encode
 from tayori.config import Config
+from tayori.config.model import ActionConfig
 from tayori.deliver import maildir, pipe
 from tayori.deliver.dispatch import Delivery, Result
 from tayori.errors import Reply
 from tayori.policy.relay import Rules
 from tayori.queue.spool import RecipientRecord
 from tayori.queue.store import Claim
-from tayori.route.local import MAX_DEPTH, AliasLoop, LocalRecipients
-
-_SAFE_LOCAL = re.compile(r"[^/\x00]+\Z")
-
-
-class MailboxPathError(ValueError):
-    pass
-
-
-def mailbox_path(template: str, address: str) -> str:
-    """The Maildir for ``address`` from the action's path template."""
-    try:
-        mailbox = parse_mailbox(address, utf8=True)
-    except AddressError:
-        raise MailboxPathError(address) from None
-    user = mailbox.local.split("+", 1)[0].lower()
-    domain = mailbox.ascii_domain.lower()
-    for part in (user, domain):
-        if not _SAFE_LOCAL.match(part) or part.startswith(".") or ".." in part:
-            raise MailboxPathError(address)
-    return template.replace("{user}", user).replace("{domain}", domain)
+from tayori.route.local import (
+    MAX_DEPTH,
+    AliasLoop,
+    LocalRecipients,
+    MailboxPathError,
+    mailbox_path,
+)
 
 
 class LocalDeliverer:
@@ -94,11 +82,15 @@ class LocalDeliverer:
         except MailboxPathError:
             return Result(Reply(550, "5.1.3", "this local part cannot name a mailbox"))
         try:
-            name = await loop.run_in_executor(
-                None, _deliver, path, job.path, job.message.sender, claim.address,
-                self.config.hostname)
+            name = await loop.run_in_executor(None, functools.partial(
+                maildir.deliver, path, job.path, return_path=job.message.sender,
+                delivered_to=claim.address, hostname=self.config.hostname,
+                quota=quota_of(job.action)))
         except maildir.MaildirError as exc:
-            return Result(exc.reply, target=f"maildir:{path}")
+            reply = exc.reply
+            if reply.status == "4.2.2" and job.action.quota_hard:
+                reply = Reply(552, "5.2.2", reply.text)
+            return Result(reply, target=f"maildir:{path}")
         return Result(Reply(250, "2.0.0", f"delivered to maildir as {name}"),
                       target=f"maildir:{path}", final=True)
 
@@ -170,6 +162,8 @@ def _to_file(path: str, job: Delivery, claim: Claim) -> Result:
                   final=True)
 
 
-def _deliver(mailbox: str, message: str, sender: str, recipient: str, hostname: str) -> str:
-    return maildir.deliver(mailbox, message, return_path=sender, delivered_to=recipient,
-                           hostname=hostname)
+def quota_of(action: ActionConfig) -> maildir.Quota | None:
+    if not (action.quota_bytes or action.quota_messages):
+        return None
+    return maildir.Quota(action.quota_bytes or None, action.quota_messages or None)
+

@@ -58,6 +58,7 @@ PROXY_TIMEOUT = 10.0
 STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
+MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full, try again later")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many Received headers: mail loop?")
 _DEBUG = logging.getLogger("tayori.debug.session")
 _session_numbers = itertools.count(1)
@@ -301,9 +302,15 @@ class Session(asyncio.Protocol):
             self._refused("RCPT", RELAY_DENIED, recipient=str(recipient))
             self.engine.reply(RELAY_DENIED)
             return
-        if not self.receiver.local.known(action, f"{recipient.local}@{domain}"):
+        address = f"{recipient.local}@{domain}"
+        if not self.receiver.local.known(action, address):
             self._refused("RCPT", UNKNOWN_USER, recipient=str(recipient))
             self.engine.reply(UNKNOWN_USER)
+            return
+        if self.receiver.local.has_quota(action) and await asyncio.get_running_loop(
+                ).run_in_executor(None, self.receiver.local.over_quota, action, address):
+            self._refused("RCPT", MAILBOX_FULL, recipient=str(recipient))
+            self.engine.reply(MAILBOX_FULL)
             return
         self._actions.append(action)
         maillog.event("rcpt", session=self.id, recipient=str(recipient), action=action,

@@ -15,21 +15,48 @@ Promises:
   dropped; a loop or more than :data:`MAX_DEPTH` levels raises :class:`AliasLoop`.
 - Table files are read again when their modification time changes.
 Failure policy: an unreadable table at run time keeps the last good copy and is logged.
+- :meth:`LocalRecipients.over_quota` says whether a mailbox is full already, so that
+  RCPT can answer ``452 4.2.2``.
 Config keys: ``tables`` (``format = "aliases"``), ``actions.NAME.users``,
-``actions.NAME.aliases``, ``actions.NAME.subaddress``.
+``actions.NAME.aliases``, ``actions.NAME.subaddress``, ``actions.NAME.quota_*``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from tayori import maillog
 from tayori.address import AddressError, parse_mailbox
 from tayori.config import Config
+from tayori.deliver.maildir import usage
 from tayori.route.aliases import AliasError, parse_aliases, split_targets, target_text
 
 MAX_DEPTH = 20
+
+_SAFE_LOCAL = re.compile(r"[^/\x00]+\Z")
+
+
+class MailboxPathError(ValueError):
+    """A local part that could leave the mail directory."""
+
+
+def mailbox_path(template: str, address: str) -> str:
+    """The Maildir for ``address`` from the action's path template."""
+    try:
+        mailbox = parse_mailbox(address, utf8=True)
+    except AddressError:
+        raise MailboxPathError(address) from None
+    user = mailbox.local.split("+", 1)[0].lower()
+    domain = mailbox.ascii_domain.lower()
+    for part in (user, domain):
+        if not _SAFE_LOCAL.match(part) or part.startswith(".") or ".." in part:
+            raise MailboxPathError(address)
+    return template.replace("{user}", user).replace("{domain}", domain)
+
+
+
 MAX_TARGETS = 1000
 
 
@@ -71,6 +98,24 @@ class LocalRecipients:
             return True
         users = self._users(action_name)
         return local in users or f"{local}@{domain}" in users
+
+    def has_quota(self, action_name: str) -> bool:
+        action = self.config.actions.get(action_name)
+        return action is not None and action.deliver == "maildir" and bool(
+            action.quota_bytes or action.quota_messages)
+
+    def over_quota(self, action_name: str, address: str) -> bool:
+        """True when the recipient's mailbox is full already (blocking: a directory
+        scan; call it off the event loop)."""
+        action = self.config.actions.get(action_name)
+        if action is None or not self.has_quota(action_name):
+            return False
+        try:
+            used = usage(mailbox_path(action.path, address))
+        except (MailboxPathError, OSError):
+            return False   # the delivery attempt will say what is wrong
+        return bool((action.quota_bytes and used.bytes >= action.quota_bytes) or
+                    (action.quota_messages and used.messages >= action.quota_messages))
 
     def expand(self, action_name: str, address: str) -> list[str] | None:
         """The final targets of an alias; None when ``address`` is not an alias."""
