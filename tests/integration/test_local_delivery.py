@@ -161,3 +161,18 @@ def test_quota_full_mailbox_452_at_rcpt_then_deferral_and_5_2_2(
     wait_for(lambda: f"expired queue_id={queue_id}" in tayori.log(), what="the expiry")
     assert 'reply="452 4.2.2' in tayori.log()
     assert new_files(tayori.root / "mail" / "tayori.test" / "v") == []
+
+
+def test_catch_all_and_tag_folders(make_tayori: Callable[..., Tayori],
+                                   tmp_path: Path) -> None:
+    (tmp_path / "users").write_text("u\ncatch\n")
+    tayori = make_tayori(deliver=True, local={"users": "users", "catch_all": "catch",
+                                              "tag_folder": True},
+                         tables={"users": {"file": str(tmp_path / "users")}})
+    send(tayori, "alice@example.net", ["whoever@tayori.test", "u+Lists@tayori.test",
+                                       "u+INBOX@tayori.test"])
+    wait_for(lambda: len(new_files(mailbox(tayori, "catch"))) == 1, what="the catch-all")
+    wait_for(lambda: len(new_files(mailbox(tayori, "u") / ".Lists")) == 1, what="the folder")
+    wait_for(lambda: len(new_files(mailbox(tayori, "u"))) == 1, what="INBOX for a bad tag")
+    assert b"Delivered-To: catch@tayori.test" in new_files(mailbox(tayori, "catch"))[0] \
+        .read_bytes()

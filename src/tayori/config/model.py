@@ -205,7 +205,7 @@ class DnsConfig:
 DELIVERY_KINDS = ("maildir", "lmtp", "mx", "relay", "pipe")
 _REMOTE_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address"}
 _MAILDIR_KEYS = {"users", "aliases", "subaddress", "quota_bytes", "quota_messages",
-                 "quota_hard"}
+                 "quota_hard", "catch_all", "tag_folder"}
 _ACTION_KEYS = {"maildir": {"path"} | _MAILDIR_KEYS,
                 "lmtp": {"host", "max_connections"},
                 "relay": {"host", "auth_user", "auth_password"} | _REMOTE_KEYS,
@@ -230,6 +230,10 @@ class ActionConfig:
                            "`|command`, `/file` or `:include:/file`.")
     subaddress: str = setting("+", STRING, "`maildir`: the delimiter of `user+tag`; the tag "
                               "is ignored when looking the user up. Empty: none.")
+    catch_all: str = setting("", STRING, "`maildir`: the local name (a user or an alias) that "
+                             "gets mail for unknown local parts instead of a 550 at RCPT.")
+    tag_folder: bool = setting(False, BOOL, "`maildir`: `user+tag` goes to the Maildir++ "
+                               "folder `tag` (when it is a valid folder name), not INBOX.")
     quota_bytes: int = setting(0, SIZE, "`maildir`: most bytes per mailbox; 0: no limit. "
                                "Full: 452 4.2.2 at RCPT, or a deferral when only the message "
                                "makes it full, and a 5.2.2 bounce at the end of the lifetime.")

@@ -77,15 +77,19 @@ class LocalDeliverer:
             return Result(Reply(554, "5.4.6", f"alias loop for {claim.address}"))
         if targets is not None:
             return self._expanded(job, claim, targets)
+        catch_all = self.local.catch_all(job.action_name, claim.address)
+        if catch_all is not None:
+            return self._expanded(job, claim, [catch_all])
+        action = job.action
         try:
-            path = mailbox_path(job.action.path, claim.address)
+            path = mailbox_path(action.path, claim.address, action.subaddress)
         except MailboxPathError:
             return Result(Reply(550, "5.1.3", "this local part cannot name a mailbox"))
         try:
             name = await loop.run_in_executor(None, functools.partial(
                 maildir.deliver, path, job.path, return_path=job.message.sender,
                 delivered_to=claim.address, hostname=self.config.hostname,
-                quota=quota_of(job.action)))
+                folder=_folder(action, claim.address), quota=quota_of(action)))
         except maildir.MaildirError as exc:
             reply = exc.reply
             if reply.status == "4.2.2" and job.action.quota_hard:
@@ -160,6 +164,15 @@ def _to_file(path: str, job: Delivery, claim: Claim) -> Result:
                       target=f"file:{path}")
     return Result(Reply(250, "2.0.0", f"appended to {path}"), target=f"file:{path}",
                   final=True)
+
+
+def _folder(action: ActionConfig, address: str) -> str:
+    """The +tag's folder when the action asks for it and the tag names a valid one."""
+    local = address.rpartition("@")[0]
+    if not (action.tag_folder and action.subaddress and action.subaddress in local):
+        return ""
+    tag = local.split(action.subaddress, 1)[1]
+    return tag if maildir.valid_folder(tag) else ""
 
 
 def quota_of(action: ActionConfig) -> maildir.Quota | None:

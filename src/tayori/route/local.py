@@ -42,13 +42,13 @@ class MailboxPathError(ValueError):
     """A local part that could leave the mail directory."""
 
 
-def mailbox_path(template: str, address: str) -> str:
+def mailbox_path(template: str, address: str, delimiter: str = "+") -> str:
     """The Maildir for ``address`` from the action's path template."""
     try:
         mailbox = parse_mailbox(address, utf8=True)
     except AddressError:
         raise MailboxPathError(address) from None
-    user = mailbox.local.split("+", 1)[0].lower()
+    user = (mailbox.local.split(delimiter, 1)[0] if delimiter else mailbox.local).lower()
     domain = mailbox.ascii_domain.lower()
     for part in (user, domain):
         if not _SAFE_LOCAL.match(part) or part.startswith(".") or ".." in part:
@@ -94,10 +94,24 @@ class LocalRecipients:
                                                                   action.aliases):
             return True
         local, domain = self._split(action_name, address)
+        return bool(action.catch_all) or self._exists(action_name, local, domain)
+
+    def _exists(self, action_name: str, local: str, domain: str) -> bool:
         if local == "postmaster" or local in self._aliases(action_name):
             return True
         users = self._users(action_name)
         return local in users or f"{local}@{domain}" in users
+
+    def catch_all(self, action_name: str, address: str) -> str | None:
+        """The catch-all address for an unknown recipient (None: not unknown, or no
+        catch-all)."""
+        action = self.config.actions.get(action_name)
+        if action is None or not action.catch_all or not (action.users or action.aliases):
+            return None
+        local, domain = self._split(action_name, address)
+        if self._exists(action_name, local, domain):
+            return None
+        return f"{action.catch_all.lower()}@{domain}"
 
     def has_quota(self, action_name: str) -> bool:
         action = self.config.actions.get(action_name)
@@ -111,7 +125,7 @@ class LocalRecipients:
         if action is None or not self.has_quota(action_name):
             return False
         try:
-            used = usage(mailbox_path(action.path, address))
+            used = usage(mailbox_path(action.path, address, action.subaddress))
         except (MailboxPathError, OSError):
             return False   # the delivery attempt will say what is wrong
         return bool((action.quota_bytes and used.bytes >= action.quota_bytes) or
