@@ -1,5 +1,6 @@
 """The ``tayori`` command: serve, check-config, queue (list, show, flush, hold, release,
-delete), config-reference.
+delete), sendmail (handed to :mod:`tayori.sendmail`, whose flags are sendmail's),
+config-reference.
 
 Takes: command-line arguments.
 Promises: each subcommand prints its result to stdout and exits 0; a problem the user can
@@ -26,6 +27,11 @@ from tayori.queue.store import InFlight, QueueStore
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["sendmail"]:   # sendmail's own option syntax, not argparse's
+        from tayori.sendmail import main as sendmail
+
+        return sendmail(arguments[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -87,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     reference.set_defaults(func=_config_reference)
     default = commands.add_parser("default-config", help="print the embedded default config")
     default.set_defaults(func=_default_config)
+    commands.add_parser("sendmail", add_help=False,
+                        help="sendmail-compatible submission: tayori sendmail [-t] [-i] "
+                             "[-f sender] [-bs] [recipient ...] (see tayori.sendmail)")
     return parser
 
 

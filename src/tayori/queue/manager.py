@@ -26,6 +26,8 @@ Promises (DESIGN §2.2, §2.5, §5):
   postmaster is logged and dropped). The DSN is queued before the outcome is recorded: a
   crash in between repeats the attempt and the DSN, it never loses it.
 - Messages with nothing left to do leave the index and the disk.
+- Messages dropped by the sendmail command (:mod:`tayori.queue.maildrop`) are picked
+  up into the queue at every turn of the loop.
 - Recipients routed to actions that this tayori cannot run yet (``pipe``) stay queued
   and are reported once in the log at start. ``maildir`` recipients are delivered by
   :mod:`tayori.deliver.local`, one recipient per delivery.
@@ -58,7 +60,7 @@ from tayori.deliver.dispatch import Delivery, Dispatcher, Result
 from tayori.deliver.local import LocalDeliverer
 from tayori.errors import Reply
 from tayori.policy.relay import Rules
-from tayori.queue import wakeup
+from tayori.queue import maildrop, wakeup
 from tayori.queue.spool import Envelope, RecipientRecord, Spool, new_queue_id
 from tayori.queue.store import Claim, Outcome, QueuedMessage, QueueStore
 
@@ -108,6 +110,9 @@ def judge(claim: Claim, result: Result, now: float, config: Config,
     expires = claim.message.received_at + queue.lifetime
     if reply.is_permanent or now >= expires:
         state = "bounced" if reply.is_permanent else "expired"
+        if state == "expired" and status == "4.2.2":   # still full: now for good (RFC 3463)
+            status = "5.2.2"
+            base = replace(base, status=status)
         return Verdict(replace(base, state=state), report("failed") if fails else None)
     deferred = replace(base, state="deferred", next_attempt=min(
         now + retry_delay(queue.retry, base.attempts, rng), expires))
@@ -204,6 +209,8 @@ class QueueManager:
                                    "recipients routed there stay queued")
         if self.config.queue.suspended:
             maillog.warning("delivery-suspended", reason="queue.suspended is set")
+        await asyncio.get_running_loop().run_in_executor(None, maildrop.ensure,
+                                                         self.spool.directory)
         self._listener = wakeup.Listener(self.spool.directory, self._wake.set)
         self._runner = asyncio.create_task(self._run())
 
@@ -240,6 +247,7 @@ class QueueManager:
         while not self._stopping:
             self._wake.clear()
             try:
+                await self._pickup()
                 wait = await self._fill()
             except (sqlite3.Error, OSError) as exc:
                 maillog.error("queue-index", reason=str(exc), retry_in=ERROR_PAUSE)
@@ -252,6 +260,12 @@ class QueueManager:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _pickup(self) -> None:
+        """Messages dropped by the sendmail command join the queue (each wakes us)."""
+        queued = await maildrop.pickup(self.spool, self.config, self.rules)
+        if queued:
+            maillog.event("picked-up", messages=len(queued))
 
     async def _fill(self) -> float:
         """Claim what is due while the window has room; return how long to wait."""

@@ -521,7 +521,8 @@ def read_envelopes(spool_dir: str, queue_id: str | None = None) -> Iterator[Enve
             recipients = tuple(
                 RecipientRecord(r["address"], r["action"], r["orcpt"],
                                 tuple(r["notify"].split(",")) if r["notify"] else None,
-                                r["state"], r["attempts"], r["next_attempt"], r["last_reply"])
+                                r["state"], depth=r["depth"], attempts=r["attempts"],
+                                next_attempt=r["next_attempt"], last_reply=r["last_reply"])
                 for r in db.execute("SELECT * FROM recipients WHERE message = ? ORDER BY idx",
                                     (row["id"],)))
             yield Envelope(
