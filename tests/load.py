@@ -10,11 +10,14 @@ which refuses a reply line cut short by a kill (a truncated ``250`` is no acknow
 
 from __future__ import annotations
 
+import random
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from harness import Client, Reply, Tayori
+from harness import Client, Reply, Tayori, wait_for
 
 
 class WholeLineClient(Client):
@@ -97,3 +100,61 @@ def sent(client: Client, sender: str, recipients: list[str], data: bytes) -> Rep
     reply = client.send_message(sender, recipients, data.replace(b"\r\n.", b"\r\n.."))
     assert reply.code == 250, f"DATA: {reply}"
     return reply
+
+
+def crash_message(client: int, seq: int, sender: str, recipients: tuple[str, ...],
+                  tag: str) -> tuple[str, bytes]:
+    """A message with a unique Message-ID (returned as its token) and a known last line."""
+    token = f"{client}.{seq}@{tag}.test"
+    head = (f"From: <{sender}>\r\nTo: " + ", ".join(f"<{r}>" for r in recipients) +
+            f"\r\nMessage-ID: <{token}>\r\nSubject: {tag} {client}-{seq}\r\n\r\n").encode()
+    line = (f"{client}-{seq} " + "0123456789" * 8)[:78].encode() + b"\r\n"
+    body = line * (5 + (seq * 7) % 40) + b".a line that needs dot-stuffing\r\n"
+    return token, head + body + f"last line of {client}-{seq}\r\n".encode()
+
+
+@dataclass
+class TrackedLoad(ClientLoad):
+    """Messages from ``sender`` to ``recipients``; ``acked`` and ``attempted`` map
+    Message-IDs to the bytes sent (attempted: every message begun, acknowledged or not)."""
+
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+    tag: str = "crash"
+    attempted: dict[str, bytes] = field(default_factory=dict)
+
+    def send_one(self, client: Client, n: int, seq: int) -> None:
+        token, data = crash_message(n, seq, self.sender, self.recipients, self.tag)
+        with self.lock:
+            self.attempted[token] = data
+        sent(client, self.sender, list(self.recipients), data)
+        with self.lock:
+            self.acked[token] = data
+
+
+class Killer(Protocol):
+    def kill(self, server: Tayori) -> None: ...
+
+
+def kill_under_load(server: Tayori, load: ClientLoad, kills: Killer, delivered: Callable[[],
+                    int], *, times: int, seed: int, errors: Callable[[], list[str]]) -> None:
+    """``times`` times: a seeded number of deliveries (``delivered()`` counts them) after
+    the start, a seeded pause, SIGKILL, restart; then the load stops and tayori is killed
+    once more, without load."""
+    rng = random.Random(seed)
+    load.start()
+    try:
+        for kill in range(times):
+            target = delivered() + rng.randint(10, 100)
+            wait_for(lambda t=target: delivered() >= t or load.errors,
+                     timeout=30, interval=0.002, what=f"deliveries before kill {kill}")
+            assert not load.errors, (load.errors, errors()[:3])
+            time.sleep(rng.uniform(0, 0.03))   # a random moment: what the kill interrupts
+            kills.kill(server)
+            server.start()
+        wait_for(lambda: load.count() >= times * 20 or load.errors, timeout=30,
+                 what="more acknowledged messages")
+    finally:
+        load.finish()
+    assert not load.errors, (load.errors, errors()[:3])
+    kills.kill(server)

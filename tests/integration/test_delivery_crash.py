@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import fcntl
 import os
-import random
 import re
 import time
 from collections.abc import Callable
@@ -29,8 +28,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from harness import Client, Tayori, wait_for
-from load import ClientLoad, sent
+from harness import Tayori, wait_for
+from load import TrackedLoad, kill_under_load
 from tayori.testing.peer import SmtpPeer
 
 pytestmark = [pytest.mark.slow]
@@ -43,31 +42,6 @@ SEED = 20261128
 SENDER = "crash@sender.test"
 RECIPIENTS = ("one@dest.test", "two@other.test")
 MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>\r$", re.MULTILINE | re.IGNORECASE)
-
-
-def message(client: int, seq: int) -> tuple[str, bytes]:
-    token = f"{client}.{seq}@delivery-crash.test"
-    head = (f"From: <{SENDER}>\r\nTo: <{RECIPIENTS[0]}>, <{RECIPIENTS[1]}>\r\n"
-            f"Message-ID: <{token}>\r\nSubject: delivery crash {client}-{seq}\r\n\r\n").encode()
-    line = (f"{client}-{seq} " + "0123456789" * 8)[:78].encode() + b"\r\n"
-    body = line * (5 + (seq * 7) % 40) + b".a line that needs dot-stuffing\r\n"
-    return token, head + body + f"last line of {client}-{seq}\r\n".encode()
-
-
-@dataclass
-class Load(ClientLoad):
-    """Messages with two recipients; ``acked`` and ``attempted`` map Message-IDs to the
-    bytes sent (attempted: every message begun, acknowledged or not)."""
-
-    attempted: dict[str, bytes] = field(default_factory=dict)
-
-    def send_one(self, client: Client, n: int, seq: int) -> None:
-        token, data = message(n, seq)
-        with self.lock:
-            self.attempted[token] = data
-        sent(client, SENDER, list(RECIPIENTS), data)
-        with self.lock:
-            self.acked[token] = data
 
 
 def wait_spool_free(server: Tayori) -> None:
@@ -124,28 +98,6 @@ def log_errors(server: Tayori) -> list[str]:
     return [line[:1500] for line in server.log().splitlines() if "Z error " in line]
 
 
-def kill_under_load(server: Tayori, sink: SmtpPeer, load: Load, kills: Kills) -> None:
-    """KILLS times: a seeded number of deliveries after the start, a seeded pause, SIGKILL,
-    restart; then the load stops and tayori is killed once more, without load."""
-    rng = random.Random(SEED)
-    load.start()
-    try:
-        for kill in range(KILLS):
-            target = len(sink.transactions) + rng.randint(10, 100)
-            wait_for(lambda t=target: len(sink.transactions) >= t or load.errors,
-                     timeout=30, interval=0.002, what=f"deliveries before kill {kill}")
-            assert not load.errors, (load.errors, log_errors(server)[:3])
-            time.sleep(rng.uniform(0, 0.03))
-            kills.kill(server)
-            server.start()
-        wait_for(lambda: load.count() >= KILLS * 20 or load.errors, timeout=30,
-                 what="more acknowledged messages")
-    finally:
-        load.finish()
-    assert not load.errors, (load.errors, log_errors(server)[:3])
-    kills.kill(server)
-
-
 def wait_all_delivered(server: Tayori, sink: SmtpPeer, acked: dict[str, bytes]) -> None:
     """Until the sink has every acknowledged message for every recipient and the queue
     is empty."""
@@ -178,8 +130,10 @@ def test_sigkill_while_delivering_loses_nothing_repeats_only_inflight(
             deliver=True, limits={"drain_timeout": 1},
             queue={"max_active": MAX_ACTIVE, "retry": ["1s"]},
             remote={"deliver": "relay", "host": f"[127.0.0.1]:{sink.port}", "tls": "none"})
-        load = Load(server, CLIENTS, timeout=10)
-        kill_under_load(server, sink, load, kills)
+        load = TrackedLoad(server, CLIENTS, timeout=10, sender=SENDER, recipients=RECIPIENTS,
+                           tag="delivery-crash")
+        kill_under_load(server, load, kills, lambda: len(sink.transactions), times=KILLS,
+                        seed=SEED, errors=lambda: log_errors(server))
         server.start()  # the final restart
         wait_all_delivered(server, sink, load.acked)
     messages = sink.messages

@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import email
 import os
-import random
 import re
 import time
 from collections.abc import Callable
@@ -40,8 +39,8 @@ from pathlib import Path
 import pytest
 from test_delivery_crash import MAX_ACTIVE, Kills, log_errors, token_of
 
-from harness import Client, Tayori, wait_for
-from load import ClientLoad, sent
+from harness import Tayori, wait_for
+from load import TrackedLoad, kill_under_load
 
 pytestmark = [pytest.mark.slow]
 MakeTayori = Callable[..., Tayori]
@@ -53,31 +52,6 @@ SENDER = "crash@sender.test"
 RECIPIENTS = ("a@tayori.test", "b@tayori.test")
 SIZE_FIELD = re.compile(r",S=(\d+),W=(\d+)$")
 PID_FIELD = re.compile(r"\.M\d+P(\d+)Q\d+R[0-9a-f]+\.")
-
-
-def message(client: int, seq: int) -> tuple[str, bytes]:
-    token = f"{client}.{seq}@local-crash.test"
-    head = (f"From: <{SENDER}>\r\nTo: <{RECIPIENTS[0]}>, <{RECIPIENTS[1]}>\r\n"
-            f"Message-ID: <{token}>\r\nSubject: local crash {client}-{seq}\r\n\r\n").encode()
-    line = (f"{client}-{seq} " + "0123456789" * 8)[:78].encode() + b"\r\n"
-    body = line * (5 + (seq * 7) % 40) + b".a line that needs dot-stuffing\r\n"
-    return token, head + body + f"last line of {client}-{seq}\r\n".encode()
-
-
-@dataclass
-class Load(ClientLoad):
-    """Messages to both local recipients; ``acked`` and ``attempted`` map Message-IDs to
-    the bytes sent (attempted: every message begun, acknowledged or not)."""
-
-    attempted: dict[str, bytes] = field(default_factory=dict)
-
-    def send_one(self, client: Client, n: int, seq: int) -> None:
-        token, data = message(n, seq)
-        with self.lock:
-            self.attempted[token] = data
-        sent(client, SENDER, list(RECIPIENTS), data)
-        with self.lock:
-            self.acked[token] = data
 
 
 def maildir(server: Tayori, rcpt: str) -> Path:
@@ -144,28 +118,6 @@ class Mailboxes:
         parsed = email.message_from_bytes(content)
         assert parsed["Message-ID"] == f"<{token}>" and parsed["Delivered-To"] == rcpt
         self.copies[(token, rcpt)] += 1
-
-
-def kill_under_load(server: Tayori, load: Load, kills: Kills) -> None:
-    """KILLS times: a seeded number of files delivered after the start, a seeded pause,
-    SIGKILL, restart; then the load stops and tayori is killed once more, without load."""
-    rng = random.Random(SEED)
-    load.start()
-    try:
-        for kill in range(KILLS):
-            target = new_files(server) + rng.randint(10, 100)
-            wait_for(lambda t=target: new_files(server) >= t or load.errors,
-                     timeout=30, interval=0.002, what=f"deliveries before kill {kill}")
-            assert not load.errors, (load.errors, log_errors(server)[:3])
-            time.sleep(rng.uniform(0, 0.03))
-            kills.kill(server)
-            server.start()
-        wait_for(lambda: load.count() >= KILLS * 20 or load.errors, timeout=30,
-                 what="more acknowledged messages")
-    finally:
-        load.finish()
-    assert not load.errors, (load.errors, log_errors(server)[:3])
-    kills.kill(server)
 
 
 def wait_all_delivered(server: Tayori, boxes: Mailboxes, acked: dict[str, bytes]) -> None:
@@ -255,8 +207,10 @@ def test_sigkill_while_delivering_locally_loses_nothing_repeats_only_inflight(
     kills = Kills()
     server = make_tayori(deliver=True, limits={"drain_timeout": 1},
                          queue={"max_active": MAX_ACTIVE, "retry": ["1s"]})
-    load = Load(server, CLIENTS, timeout=10)
-    kill_under_load(server, load, kills)
+    load = TrackedLoad(server, CLIENTS, timeout=10, sender=SENDER, recipients=RECIPIENTS,
+                       tag="local-crash")
+    kill_under_load(server, load, kills, lambda: new_files(server), times=KILLS, seed=SEED,
+                    errors=lambda: log_errors(server))
     server.start()  # the final restart
     boxes = Mailboxes(server, load.attempted)
     wait_all_delivered(server, boxes, load.acked)
