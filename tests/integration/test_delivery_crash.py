@@ -68,6 +68,20 @@ class Kills:
     at_kill: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     inflight: list[int] = field(default_factory=list)
 
+    def duplicates(self, copies: collections.Counter[tuple[str, str]]) -> tuple[
+            dict[tuple[str, str], int], int]:
+        """The extra copies of each (message, recipient), checked: each one is matched by
+        a kill during which that recipient was in flight. Returns them and their sum."""
+        duplicates = {key: n - 1 for key, n in copies.items() if n > 1}
+        unexplained = {key: n for key, n in duplicates.items() if n > self.at_kill[key]}
+        assert not unexplained, ("delivered more than once without being in flight at a "
+                                 f"kill: {sorted(unexplained.items())[:5]}")
+        extra = sum(duplicates.values())
+        assert extra <= sum(self.inflight) <= len(self.inflight) * MAX_ACTIVE
+        assert sum(1 for n in self.inflight if n) >= KILLS // 4, (
+            f"too few kills hit deliveries in flight: {self.inflight}")
+        return duplicates, extra
+
     def kill(self, server: Tayori) -> None:
         """SIGKILL; once its workers are gone too, note the recipients in flight: the only
         ones the next start may deliver a second time."""
@@ -150,14 +164,7 @@ def test_sigkill_while_delivering_loses_nothing_repeats_only_inflight(
         split += len(got.recipients) < len(RECIPIENTS)
         assert without_received(got.data) == sent, f"{token}: bytes changed on the way"
         copies.update((token, rcpt) for rcpt in got.recipients)
-    duplicates = {key: n - 1 for key, n in copies.items() if n > 1}
-    unexplained = {key: n for key, n in duplicates.items() if n > kills.at_kill[key]}
-    assert not unexplained, ("delivered more than once without being in flight at a kill: "
-                             f"{sorted(unexplained.items())[:5]}")
-    extra = sum(duplicates.values())
-    assert extra <= sum(kills.inflight) <= len(kills.inflight) * MAX_ACTIVE
-    assert sum(1 for n in kills.inflight if n) >= KILLS // 4, (
-        f"too few kills hit deliveries in flight: {kills.inflight}")
+    duplicates, extra = kills.duplicates(copies)
     unacked = len({t for t, _ in copies} - load.acked.keys())
     print(f"\nkills: {len(kills.inflight)} (recipients in flight at each: {kills.inflight}); "
           f"acknowledged: {len(load.acked)} messages x {len(RECIPIENTS)} recipients; "
