@@ -1,7 +1,7 @@
 """Local delivery: recipients routed to a ``maildir`` action go into their mailboxes.
 
 Takes: a :class:`~tayori.deliver.dispatch.Delivery` whose action is ``deliver =
-"maildir"`` (one recipient per delivery: each has its own mailbox).
+"maildir"``: the message's recipients routed to that action.
 Aliases: a recipient that is an alias of the action's ``aliases`` table becomes the
 recipients it expands to (new rows of the same message, queued at once, routed by the
 match rules like mail tayori writes itself); the alias is reported ``expanded``.
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import functools
 import os
 import re
 import time
@@ -61,14 +60,30 @@ class LocalDeliverer:
         self.rules = Rules(config)
 
     async def deliver(self, job: Delivery) -> list[Result]:
-        return [await self._one(job, claim) for claim in job.recipients]
+        """One result per recipient. The plain mailbox deliveries of the job go to the
+        disk in one worker-thread call (one hand-off per message, not per recipient)."""
+        results: list[Result | None] = []
+        mailboxes: list[tuple[int, Claim, str]] = []
+        for claim in job.recipients:
+            routed = await self._route(job, claim)
+            if isinstance(routed, str):
+                mailboxes.append((len(results), claim, routed))
+            results.append(routed if isinstance(routed, Result) else None)
+        if mailboxes:
+            written = await asyncio.get_running_loop().run_in_executor(
+                None, self._write_all, job, [(claim, path) for _, claim, path in mailboxes])
+            for (index, _, _), result in zip(mailboxes, written, strict=True):
+                results[index] = result
+        return [result or Result(Reply(451, "4.3.0", "not delivered")) for result in results]
 
-    async def _one(self, job: Delivery, claim: Claim) -> Result:
-        loop = asyncio.get_running_loop()
+    async def _route(self, job: Delivery, claim: Claim) -> Result | str:
+        """The result for a recipient that needs no mailbox write (pipe, file, alias,
+        catch-all, refusal), or the path of its mailbox."""
         if claim.address.startswith("|"):
             return await self._pipe(job, claim)
         if claim.address.startswith("/"):
-            return await loop.run_in_executor(None, _to_file, claim.address, job, claim)
+            return await asyncio.get_running_loop().run_in_executor(
+                None, _to_file, claim.address, job, claim)
         try:
             targets = self.local.expand(job.action_name, claim.address)
             if targets is not None and claim.depth >= MAX_DEPTH:
@@ -80,23 +95,30 @@ class LocalDeliverer:
         catch_all = self.local.catch_all(job.action_name, claim.address)
         if catch_all is not None:
             return self._expanded(job, claim, [catch_all])
-        action = job.action
         try:
-            path = mailbox_path(action.path, claim.address, action.subaddress)
+            return mailbox_path(job.action.path, claim.address, job.action.subaddress)
         except MailboxPathError:
             return Result(Reply(550, "5.1.3", "this local part cannot name a mailbox"))
-        try:
-            name = await loop.run_in_executor(None, functools.partial(
-                maildir.deliver, path, job.path, return_path=job.message.sender,
-                delivered_to=claim.address, hostname=self.config.hostname,
-                folder=_folder(action, claim.address), quota=quota_of(action)))
-        except maildir.MaildirError as exc:
-            reply = exc.reply
-            if reply.status == "4.2.2" and job.action.quota_hard:
-                reply = Reply(552, "5.2.2", reply.text)
-            return Result(reply, target=f"maildir:{path}")
-        return Result(Reply(250, "2.0.0", f"delivered to maildir as {name}"),
-                      target=f"maildir:{path}", final=True)
+
+    def _write_all(self, job: Delivery, mailboxes: list[tuple[Claim, str]]) -> list[Result]:
+        """On a worker thread: each message file written, fsync'd and linked in turn."""
+        action = job.action
+        results = []
+        for claim, path in mailboxes:
+            try:
+                name = maildir.deliver(
+                    path, job.path, return_path=job.message.sender,
+                    delivered_to=claim.address, hostname=self.config.hostname,
+                    folder=_folder(action, claim.address), quota=quota_of(action))
+            except maildir.MaildirError as exc:
+                reply = exc.reply
+                if reply.status == "4.2.2" and action.quota_hard:
+                    reply = Reply(552, "5.2.2", reply.text)
+                results.append(Result(reply, target=f"maildir:{path}"))
+                continue
+            results.append(Result(Reply(250, "2.0.0", f"delivered to maildir as {name}"),
+                                  target=f"maildir:{path}", final=True))
+        return results
 
     def _expanded(self, job: Delivery, claim: Claim, targets: list[str]) -> Result:
         """An alias: its targets become recipients of the message (queued now, routed

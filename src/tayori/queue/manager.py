@@ -30,7 +30,7 @@ Promises (DESIGN §2.2, §2.5, §5):
   up into the queue at every turn of the loop.
 - Recipients routed to actions that this tayori cannot run yet (``pipe``) stay queued
   and are reported once in the log at start. ``maildir`` recipients are delivered by
-  :mod:`tayori.deliver.local`, one recipient per delivery.
+  :mod:`tayori.deliver.local`, a message's recipients of one action together.
 Failure policy: an error of the index or the disk is logged and the manager tries again
 after a pause; an unexpected exception in one attempt is confined to its recipients
 (``451 4.3.0``, retried).
@@ -307,7 +307,7 @@ class QueueManager:
                 unsettled.append(claim)
                 continue
             destination = {"mx": _domain(claim.address),
-                           "maildir": claim.address}.get(action.deliver, action.host)
+                           "maildir": claim.action}.get(action.deliver, action.host)
             groups.setdefault((claim.action, destination), []).append(claim)
         size = self.config.delivery.max_recipients
         jobs: list[tuple[Delivery | None, list[Claim]]] = [
