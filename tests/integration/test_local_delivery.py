@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -176,3 +178,39 @@ def test_catch_all_and_tag_folders(make_tayori: Callable[..., Tayori],
     wait_for(lambda: len(new_files(mailbox(tayori, "u"))) == 1, what="INBOX for a bad tag")
     assert b"Delivered-To: catch@tayori.test" in new_files(mailbox(tayori, "catch"))[0] \
         .read_bytes()
+
+
+def test_pipe_action(make_tayori: Callable[..., Tayori], tmp_path: Path) -> None:
+    """deliver = "pipe": the command gets each recipient's copy; exit 75 defers."""
+    script = tmp_path / "deliver.sh"
+    script.write_text('#!/bin/sh\n[ -e "$0.fail" ] && { rm "$0.fail"; exit 75; }\n'
+                      'cat > "$0.$LOCAL.out"\n')
+    script.chmod(0o755)
+    (tmp_path / "deliver.sh.fail").write_text("")
+    tayori = make_tayori(deliver=True, queue={"retry": ["1s"]}, trusted=["192.0.2.0/24"],
+                         extra=f'[actions.program]\ndeliver = "pipe"\ncommand = "{script}"\n'
+                               '[[match]]\nto = "pipe.test"\naction = "program"\n')
+    queue_id = send(tayori, "alice@example.net", ["p@pipe.test"])
+    output = tmp_path / "deliver.sh.p.out"
+    wait_for(lambda: f"delivered queue_id={queue_id}" in tayori.log(),
+             what="the delivery after the retry")
+    assert f"deferred queue_id={queue_id}" in tayori.log()
+    assert output.read_bytes().endswith(MESSAGE.replace(b"\r\n", b"\n"))
+
+
+def test_postmaster_goes_to_the_configured_address_and_users_reload(
+        make_tayori: Callable[..., Tayori], tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("u\nboss\n")
+    tayori = make_tayori(deliver=True, local={"users": "users"},
+                         queue={"postmaster": "boss@tayori.test"},
+                         tables={"users": {"file": str(users)}})
+    send(tayori, "alice@example.net", ["postmaster@tayori.test"])
+    wait_for(lambda: len(new_files(mailbox(tayori, "boss"))) == 1, what="the postmaster mail")
+    with tayori.client() as client:
+        client.greeting_and_ehlo()
+        client.expect_cmd("MAIL FROM:<a@example.net>", 250)
+        client.expect_cmd("RCPT TO:<newcomer@tayori.test>", 550)
+        users.write_text("u\nboss\nnewcomer\n")
+        os.utime(users, (time.time() + 5, time.time() + 5))
+        client.expect_cmd("RCPT TO:<newcomer@tayori.test>", 250)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from tayori.deliver import pipe
 from tayori.deliver.pipe import PipeRequest, run_pipe
@@ -57,9 +58,13 @@ def request(command: str, message: Path, **options: object) -> PipeRequest:
                        **options)  # type: ignore[arg-type]
 
 
-def run(req: PipeRequest) -> Reply:
-    return asyncio.run(asyncio.wait_for(run_pipe(req), DEADLINE + pipe.KILL_WAIT +
-                                        pipe.PIPES_GRACE + 10))
+def run(req: PipeRequest, *, plain_asyncio: bool = False) -> Reply:
+    """On uvloop, as the daemon runs (its subprocess API differs from asyncio's: this is
+    where the two part ways), or on plain asyncio, tayori's fallback."""
+    factory = None if plain_asyncio else uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(asyncio.wait_for(run_pipe(req), DEADLINE + pipe.KILL_WAIT +
+                                           pipe.PIPES_GRACE + 10))
 
 
 def environment(path: Path) -> dict[str, str]:
@@ -416,3 +421,12 @@ def test_unreadable_spool_kills_the_program(tmp_path: Path) -> None:
     reply = run(request(f"{prog} {got} /dev/null", tmp_path))
     assert (reply.code, reply.status) == (451, "4.3.0")
     assert reply.text == "Cannot read the queued message"
+
+
+def test_plain_asyncio_loop_too(tmp_path: Path) -> None:
+    """Without uvloop tayori runs on asyncio's own loop: pipes work there as well."""
+    out = tmp_path / "out"
+    command = script(tmp_path, f'#!/bin/sh\ncat > "{out}"\nexit 0\n')
+    reply = run(request(str(command), spool(tmp_path)), plain_asyncio=True)
+    assert reply.code == 250
+    assert out.read_bytes().endswith(BODY.replace(b"\r\n", b"\n"))

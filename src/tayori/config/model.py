@@ -205,13 +205,13 @@ class DnsConfig:
 DELIVERY_KINDS = ("maildir", "lmtp", "mx", "relay", "pipe")
 _REMOTE_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address"}
 _MAILDIR_KEYS = {"users", "aliases", "subaddress", "quota_bytes", "quota_messages",
-                 "quota_hard", "catch_all", "tag_folder"}
+                 "quota_hard", "catch_all", "tag_folder", "owner", "run_as"}
 _ACTION_KEYS = {"maildir": {"path"} | _MAILDIR_KEYS,
                 "lmtp": {"host", "max_connections"},
                 "relay": {"host", "auth_user", "auth_password"} | _REMOTE_KEYS,
-                "pipe": {"command"}, "mx": {"port"} | _REMOTE_KEYS}
+                "pipe": {"command", "run_as", "timeout"}, "mx": {"port"} | _REMOTE_KEYS}
 _OPTIONAL_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address", "port",
-                  "auth_user", "auth_password"} | _MAILDIR_KEYS
+                  "auth_user", "auth_password", "timeout"} | _MAILDIR_KEYS
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +221,9 @@ class ActionConfig:
                         "replaced by the recipient's local part and domain.")
     host: str = setting("", STRING, '`relay`, `lmtp`: next hop, "[host]:port" (or a unix '
                         "socket path for lmtp).")
-    command: str = setting("", STRING, "`pipe`: the command that receives the message.")
+    command: str = setting("", STRING, "`pipe`: the command that receives the message on "
+                           "its standard input (no shell; SENDER, RECIPIENT, LOCAL, DOMAIN, "
+                           "EXTENSION in its environment; exit 75 defers, others bounce).")
     users: str = setting("", STRING, "`maildir`: a table of the local parts (or addresses) "
                          "that have a mailbox; others, unless aliases, are refused at RCPT "
                          "with 550 5.1.1. Empty (with no `aliases`): every local part.")
@@ -234,6 +236,13 @@ class ActionConfig:
                              "gets mail for unknown local parts instead of a 550 at RCPT.")
     tag_folder: bool = setting(False, BOOL, "`maildir`: `user+tag` goes to the Maildir++ "
                                "folder `tag` (when it is a valid folder name), not INBOX.")
+    owner: str = setting("", STRING, "`maildir`: the system user that owns the mailboxes "
+                         "(needs tayori running as root, without `user`). Empty: the user "
+                         "tayori runs as (one virtual mail user for all mailboxes).")
+    run_as: str = setting("", STRING, "`pipe`, and `|command` aliases of a `maildir` action: "
+                          "run commands as this system user. Empty: as tayori runs.")
+    timeout: float = setting(600.0, DURATION, "`pipe`: how long the command may run; then "
+                             "it is killed and the delivery deferred.", shown_default='"10m"')
     quota_bytes: int = setting(0, SIZE, "`maildir`: most bytes per mailbox; 0: no limit. "
                                "Full: 452 4.2.2 at RCPT, or a deferral when only the message "
                                "makes it full, and a 5.2.2 bounce at the end of the lifetime.")

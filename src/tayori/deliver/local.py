@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import pwd
 import re
 import time
 
@@ -109,7 +110,8 @@ class LocalDeliverer:
                 name = maildir.deliver(
                     path, job.path, return_path=job.message.sender,
                     delivered_to=claim.address, hostname=self.config.hostname,
-                    folder=_folder(action, claim.address), quota=quota_of(action))
+                    folder=_folder(action, claim.address), quota=quota_of(action),
+                    owner=_owner(action.owner))
             except maildir.MaildirError as exc:
                 reply = exc.reply
                 if reply.status == "4.2.2" and action.quota_hard:
@@ -144,13 +146,20 @@ class LocalDeliverer:
                             "recipient(s)"), target="aliases", final=True,
                       expanded=tuple(records))
 
-    async def _pipe(self, job: Delivery, claim: Claim) -> Result:
+    async def _pipe(self, job: Delivery, claim: Claim, command: str | None = None) -> Result:
+        """A ``|command`` alias target, or (``command`` given) a ``pipe`` action."""
         original = xtext_decode(claim.orcpt.split(";", 1)[1]) if claim.orcpt else ""
         reply = await pipe.run_pipe(pipe.PipeRequest(
-            command=claim.address[1:], message_path=job.path, sender=job.message.sender,
-            recipient=original or claim.address, original_recipient=original,
-            hostname=self.config.hostname))
+            command=command or claim.address[1:], message_path=job.path,
+            sender=job.message.sender, recipient=original or claim.address,
+            original_recipient=original or claim.address, hostname=self.config.hostname,
+            user=job.action.run_as or None, timeout=job.action.timeout,
+            extension_delimiter=job.action.subaddress))
         return Result(reply, target="pipe", final=reply.is_positive)
+
+    async def pipe_action(self, job: Delivery) -> list[Result]:
+        """A ``pipe`` action: the command once per recipient."""
+        return [await self._pipe(job, claim, job.action.command) for claim in job.recipients]
 
 
 def _domain_of(address: str) -> str:
@@ -186,6 +195,17 @@ def _to_file(path: str, job: Delivery, claim: Claim) -> Result:
                       target=f"file:{path}")
     return Result(Reply(250, "2.0.0", f"appended to {path}"), target=f"file:{path}",
                   final=True)
+
+
+def _owner(user: str) -> tuple[int, int] | None:
+    if not user:
+        return None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise maildir.MaildirError(Reply(451, "4.3.5", f"the mailbox owner {user!r} is no "
+                                         "user of this system (actions.*.owner)")) from None
+    return entry.pw_uid, entry.pw_gid
 
 
 def _folder(action: ActionConfig, address: str) -> str:

@@ -118,7 +118,9 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
+from typing import cast
 
 from tayori.deliver import maildir
 from tayori.errors import Reply
@@ -342,15 +344,24 @@ class _Run:
         self.setup = setup
         self.pid = 0
 
+    def _trampoline(self) -> list[str]:
+        """The command behind :mod:`tayori.deliver.runas`, which sets the user and the
+        umask in the child (uvloop takes no ``user=``/``umask=`` arguments)."""
+        setup = self.setup
+        return [sys.executable, "-m", "tayori.deliver.runas",
+                "" if setup.uid is None else str(setup.uid),
+                "" if setup.gid is None else str(setup.gid),
+                ",".join(str(g) for g in setup.groups or ()), f"{UMASK:o}", "--", *self.argv]
+
     async def run(self) -> Reply:
         loop = asyncio.get_running_loop()
         protocol = _Protocol(loop)
         try:
             transport, _ = await loop.subprocess_exec(
-                lambda: protocol, *self.argv, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.setup.env,
-                cwd=self.setup.cwd, start_new_session=True, umask=UMASK, user=self.setup.uid,
-                group=self.setup.gid, extra_groups=self.setup.groups)
+                lambda: protocol, *self._trampoline(), stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env={**self.setup.env, "PYTHONCOERCECLOCALE": "0"},   # see deliver.runas
+                cwd=self.setup.cwd, start_new_session=True)
         except OSError as exc:
             return self._not_started(exc)
         self.pid = transport.get_pid()
@@ -387,8 +398,10 @@ class _Run:
         """Write the header and the message to standard input, then close it. Returns
         early when the program closes it; raises :class:`_SpoolError` (the process
         group killed) when the spool file cannot be read."""
-        stdin = transport.get_pipe_transport(0)
-        assert isinstance(stdin, asyncio.WriteTransport)
+        pipe = transport.get_pipe_transport(0)
+        if pipe is None:   # no standard input: nothing to feed
+            return
+        stdin = cast(asyncio.WriteTransport, pipe)   # uvloop's is one, not a subclass
         loop = asyncio.get_running_loop()
         to_lf = self.request.line_ends == "lf"
         pending = b""   # a CR at the end of a read: maybe half a CRLF

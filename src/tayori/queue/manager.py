@@ -28,9 +28,8 @@ Promises (DESIGN §2.2, §2.5, §5):
 - Messages with nothing left to do leave the index and the disk.
 - Messages dropped by the sendmail command (:mod:`tayori.queue.maildrop`) are picked
   up into the queue at every turn of the loop.
-- Recipients routed to actions that this tayori cannot run yet (``pipe``) stay queued
-  and are reported once in the log at start. ``maildir`` recipients are delivered by
-  :mod:`tayori.deliver.local`, a message's recipients of one action together.
+- ``maildir`` and ``pipe`` recipients are delivered by :mod:`tayori.deliver.local`, a
+  message's recipients of one action together; the others by the dispatcher.
 Failure policy: an error of the index or the disk is logged and the manager tries again
 after a pause; an unexpected exception in one attempt is confined to its recipients
 (``451 4.3.0``, retried).
@@ -64,7 +63,7 @@ from tayori.queue import maildrop, wakeup
 from tayori.queue.spool import Envelope, RecipientRecord, Spool, new_queue_id
 from tayori.queue.store import Claim, Outcome, QueuedMessage, QueueStore
 
-DELIVERABLE = ("mx", "relay", "lmtp", "maildir")
+DELIVERABLE = ("mx", "relay", "lmtp", "maildir", "pipe")
 DEFAULT_DELAY_WARNING = 4 * 3600.0   # with NOTIFY=DELAY and no queue.delay_warning
 IDLE_POLL = 60.0                      # look at the index at least this often
 ERROR_PAUSE = 5.0
@@ -205,7 +204,7 @@ class QueueManager:
         waiting = sorted(self.waiting)
         if waiting:
             maillog.warning("not-delivering", actions=",".join(waiting),
-                            reason="pipe delivery is not built yet; "
+                            reason="no delivery for these kinds of action; "
                                    "recipients routed there stay queued")
         if self.config.queue.suspended:
             maillog.warning("delivery-suspended", reason="queue.suspended is set")
@@ -306,8 +305,8 @@ class QueueManager:
             if claim.cancelled or action is None or action.deliver not in DELIVERABLE:
                 unsettled.append(claim)
                 continue
-            destination = {"mx": _domain(claim.address),
-                           "maildir": claim.action}.get(action.deliver, action.host)
+            destination = {"mx": _domain(claim.address), "maildir": claim.action,
+                           "pipe": claim.action}.get(action.deliver, action.host)
             groups.setdefault((claim.action, destination), []).append(claim)
         size = self.config.delivery.max_recipients
         jobs: list[tuple[Delivery | None, list[Claim]]] = [
@@ -372,6 +371,8 @@ class QueueManager:
     async def _results(self, job: Delivery | None, claims: list[Claim]) -> list[Result]:
         if job is not None and job.action.deliver == "maildir":
             return await self.local.deliver(job)
+        if job is not None and job.action.deliver == "pipe":
+            return await self.local.pipe_action(job)
         if job is not None:
             return await self.dispatcher.deliver(job)
         out = []

@@ -13,7 +13,8 @@ Promises:
 - :meth:`LocalRecipients.expand` returns the final targets of an alias (None for a
   plain mailbox): names are expanded recursively, ``:include:`` files read, duplicates
   dropped; a loop or more than :data:`MAX_DEPTH` levels raises :class:`AliasLoop`.
-- Table files are read again when their modification time changes.
+- Table files (users, aliases) are read again when their modification time changes.
+- ``postmaster`` without a mailbox or alias of its own goes to ``queue.postmaster``.
 Failure policy: an unreadable table at run time keeps the last good copy and is logged.
 - :meth:`LocalRecipients.over_quota` says whether a mailbox is full already, so that
   RCPT can answer ``452 4.2.2``.
@@ -83,10 +84,36 @@ class _AliasFile:
         return self.aliases
 
 
+@dataclass(slots=True)
+class _ListFile:
+    """A list table's file (one entry per line, ``#`` comments), read again when it
+    changes; the copy read with the configuration first."""
+
+    path: str
+    entries: frozenset[str] = frozenset()
+    mtime: float | None = None
+
+    def current(self) -> frozenset[str]:
+        try:
+            mtime = os.stat(self.path).st_mtime
+            if self.mtime is None:
+                self.mtime = mtime
+            elif mtime != self.mtime:
+                with open(self.path, encoding="utf-8") as handle:
+                    lines = (line.split("#", 1)[0].strip() for line in handle)
+                    self.entries = frozenset(line.lower() for line in lines if line)
+                self.mtime = mtime
+        except (OSError, UnicodeDecodeError) as exc:
+            maillog.error("table-unreadable", file=self.path, reason=str(exc),
+                          kept="the last good copy")
+        return self.entries
+
+
 class LocalRecipients:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._files: dict[str, _AliasFile] = {}
+        self._lists: dict[str, _ListFile] = {}
 
     def known(self, action_name: str, address: str) -> bool:
         action = self.config.actions.get(action_name)
@@ -97,19 +124,27 @@ class LocalRecipients:
         return bool(action.catch_all) or self._exists(action_name, local, domain)
 
     def _exists(self, action_name: str, local: str, domain: str) -> bool:
-        if local == "postmaster" or local in self._aliases(action_name):
+        return local == "postmaster" or self._listed(action_name, local, domain)
+
+    def _listed(self, action_name: str, local: str, domain: str) -> bool:
+        if local in self._aliases(action_name):
             return True
         users = self._users(action_name)
         return local in users or f"{local}@{domain}" in users
 
     def catch_all(self, action_name: str, address: str) -> str | None:
-        """The catch-all address for an unknown recipient (None: not unknown, or no
-        catch-all)."""
+        """Where mail for a recipient without a mailbox goes instead: ``postmaster``
+        (unless a user or alias) to ``queue.postmaster`` when set; an unknown local part
+        to the action's ``catch_all``. None: the recipient's own mailbox."""
         action = self.config.actions.get(action_name)
-        if action is None or not action.catch_all or not (action.users or action.aliases):
+        if action is None or not (action.users or action.aliases):
             return None
         local, domain = self._split(action_name, address)
-        if self._exists(action_name, local, domain):
+        postmaster = self.config.queue.postmaster
+        if local == "postmaster" and postmaster and not self._listed(action_name, local,
+                                                                     domain):
+            return postmaster
+        if not action.catch_all or self._exists(action_name, local, domain):
             return None
         return f"{action.catch_all.lower()}@{domain}"
 
@@ -187,7 +222,15 @@ class LocalRecipients:
     def _users(self, action_name: str) -> frozenset[str]:
         name = self.config.actions[action_name].users
         table = self.config.tables.get(name) if name else None
-        return frozenset(e.lower() for e in table.entries) if table else frozenset()
+        if table is None:
+            return frozenset()
+        if not table.path:
+            return frozenset(e.lower() for e in table.entries)
+        source = self._lists.get(table.path)
+        if source is None:
+            source = self._lists[table.path] = _ListFile(
+                table.path, entries=frozenset(e.lower() for e in table.entries))
+        return source.current()
 
     def _aliases(self, action_name: str) -> dict[str, tuple[str, ...]]:
         name = self.config.actions[action_name].aliases
