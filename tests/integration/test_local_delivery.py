@@ -214,3 +214,23 @@ def test_postmaster_goes_to_the_configured_address_and_users_reload(
         users.write_text("u\nboss\nnewcomer\n")
         os.utime(users, (time.time() + 5, time.time() + 5))
         client.expect_cmd("RCPT TO:<newcomer@tayori.test>", 250)
+
+
+def test_virtual_aliases_per_domain(make_tayori: Callable[..., Tayori],
+                                    tmp_path: Path) -> None:
+    """Whole-address names are virtual aliases of one domain; @domain is its catch-all."""
+    (tmp_path / "aliases").write_text("info@tayori.test: u\n@other.test: v@tayori.test\n")
+    (tmp_path / "users").write_text("u\nv\n")
+    tayori = make_tayori(deliver=True, local_domains=["tayori.test", "other.test"],
+                         local={"users": "users", "aliases": "aliases"},
+                         tables={"users": {"file": str(tmp_path / "users")},
+                                 "aliases": {"file": str(tmp_path / "aliases"),
+                                             "format": "aliases"}})
+    with tayori.client() as client:
+        client.greeting_and_ehlo()
+        client.expect_cmd("MAIL FROM:<a@example.net>", 250)
+        client.expect_cmd("RCPT TO:<info@other.test>", 250)       # the catch-all
+        client.expect_cmd("RCPT TO:<nobody@tayori.test>", 550)    # no catch-all here
+    send(tayori, "alice@example.net", ["info@tayori.test", "anything@other.test"])
+    wait_for(lambda: len(new_files(mailbox(tayori, "u"))) == 1, what="info@ in u's box")
+    wait_for(lambda: len(new_files(mailbox(tayori, "v"))) == 1, what="@other.test in v's")

@@ -78,8 +78,10 @@ names `any` and `authenticated` are reserved.
 `NAME = { file = "PATH", format = "aliases" }` reads an aliases(5) file for a `maildir`
 action's `aliases`: `name: target, target, ...`, continuation lines start with white
 space, `#` starts a comment; a target is a local name, an address, `|command`, `/file`
-(an mbox, appended under a lock) or `:include:/file`. Alias files are read again when
-they change.
+(an mbox, appended under a lock) or `:include:/file`. A name may be a whole address
+(`info@example.org:`, a virtual alias of that domain) or `@example.org` (the domain's
+catch-all); a bare name applies to every domain of the action. Alias and user files
+are read again when they change.
 """
 
 

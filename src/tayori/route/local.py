@@ -3,7 +3,9 @@
 Takes: the configuration's ``maildir`` actions with their ``users`` table (local parts,
 or whole addresses, that have a mailbox) and ``aliases`` table (a file in aliases(5)
 format: ``name: target, target, ...`` with continuation lines, ``#`` comments; targets
-are local names, addresses, ``|command``, ``/path/file`` and ``:include:/path``).
+are local names, addresses, ``|command``, ``/path/file`` and ``:include:/path``). A name
+may be a whole address (``info@example.org:``, a virtual alias of that domain only) or
+``@example.org`` (that domain's catch-all); a bare name applies to every domain.
 Promises:
 - :meth:`LocalRecipients.known` says whether a recipient exists, so that an unknown one
   is refused at RCPT (``550 5.1.1``) instead of bounced later (DESIGN §2.5). Local parts
@@ -84,6 +86,16 @@ class _AliasFile:
         return self.aliases
 
 
+def _alias_key(aliases: dict[str, tuple[str, ...]], local: str, domain: str) -> str | None:
+    """The entry that applies to ``local@domain``: the whole address (a virtual alias of
+    that domain), then the local name (every domain of the action), then ``@domain``
+    (the domain's catch-all)."""
+    for key in (f"{local}@{domain}", local, f"@{domain}"):
+        if key in aliases:
+            return key
+    return None
+
+
 @dataclass(slots=True)
 class _ListFile:
     """A list table's file (one entry per line, ``#`` comments), read again when it
@@ -127,7 +139,7 @@ class LocalRecipients:
         return local == "postmaster" or self._listed(action_name, local, domain)
 
     def _listed(self, action_name: str, local: str, domain: str) -> bool:
-        if local in self._aliases(action_name):
+        if _alias_key(self._aliases(action_name), local, domain) is not None:
             return True
         users = self._users(action_name)
         return local in users or f"{local}@{domain}" in users
@@ -170,10 +182,11 @@ class LocalRecipients:
         """The final targets of an alias; None when ``address`` is not an alias."""
         aliases = self._aliases(action_name)
         local, domain = self._split(action_name, address)
-        if local not in aliases:
+        key = _alias_key(aliases, local, domain)
+        if key is None:
             return None
         targets: list[str] = []
-        self._expand(aliases, local, domain, [], targets)
+        self._expand(aliases, key, domain, [], targets)
         return list(dict.fromkeys(targets))[:MAX_TARGETS]
 
     def _expand(self, aliases: dict[str, tuple[str, ...]], name: str, domain: str,
