@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -234,3 +235,31 @@ def test_virtual_aliases_per_domain(make_tayori: Callable[..., Tayori],
     send(tayori, "alice@example.net", ["info@tayori.test", "anything@other.test"])
     wait_for(lambda: len(new_files(mailbox(tayori, "u"))) == 1, what="info@ in u's box")
     wait_for(lambda: len(new_files(mailbox(tayori, "v"))) == 1, what="@other.test in v's")
+
+
+def test_sqlite_users_and_aliases(make_tayori: Callable[..., Tayori], tmp_path: Path) -> None:
+    """Users and aliases from an SQLite database, looked up per recipient."""
+    database = tmp_path / "mail.sqlite3"
+    db = sqlite3.connect(database)
+    with db:
+        db.execute("CREATE TABLE mailbox (address TEXT PRIMARY KEY)")
+        db.execute("CREATE TABLE alias (source TEXT, destination TEXT)")
+        db.executemany("INSERT INTO mailbox VALUES (?)", [("u@tayori.test",), ("v@tayori.test",)])
+        db.executemany("INSERT INTO alias VALUES (?, ?)",
+                       [("sales@tayori.test", "u"), ("sales@tayori.test", "v@tayori.test")])
+    db.close()
+    tayori = make_tayori(deliver=True, local={"users": "boxes", "aliases": "forwards"},
+                         tables={
+                             "boxes": {"sqlite": str(database),
+                                       "query": "SELECT 1 FROM mailbox WHERE address = ?"},
+                             "forwards": {"sqlite": str(database), "format": "aliases",
+                                          "query": "SELECT destination FROM alias "
+                                                   "WHERE source = ?"}})
+    with tayori.client() as client:
+        client.greeting_and_ehlo()
+        client.expect_cmd("MAIL FROM:<a@example.net>", 250)
+        client.expect_cmd("RCPT TO:<nobody@tayori.test>", 550)
+    send(tayori, "alice@example.net", ["sales@tayori.test"])
+    for user in ("u", "v"):
+        wait_for(lambda user=user: len(new_files(mailbox(tayori, user))) == 1,
+                 what=f"the message in {user}'s mailbox")

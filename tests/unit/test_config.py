@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import textwrap
 from pathlib import Path
 
@@ -335,3 +336,22 @@ def test_not_utf8(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the file"):
         load(str(tmp_path / "nope.toml"))
+
+
+def test_local_tables_are_checked_at_start(tmp_path: Path) -> None:
+    """A broken aliases file, a wrong SQLite query, a users table of the wrong format:
+    refused at start, naming the table."""
+    (tmp_path / "aliases").write_text("no colon here\n")
+    error = refused(tmp_path, LISTEN + LOCAL + RULE + '[tables]\n'
+                    'aliases = { file = "aliases", format = "aliases" }\n')
+    assert error.key == "tables.aliases" and "line 1" in str(error)
+    sqlite3.connect(tmp_path / "db.sqlite3").close()
+    error = refused(tmp_path, LISTEN + LOCAL + RULE + '[tables]\n'
+                    'users = { sqlite = "db.sqlite3", query = "SELECT 1 FROM missing '
+                    'WHERE a = ?" }\n')
+    assert error.key == "tables.users.query" and "no such table" in str(error)
+    (tmp_path / "list").write_text("u\n")
+    error = refused(tmp_path, LISTEN + RULE + '[tables]\nlist = { file = "list" }\n'
+                    '[actions.local]\ndeliver = "maildir"\npath = "/m/{user}"\n'
+                    'aliases = "list"\n')
+    assert error.key == "actions.local.aliases"

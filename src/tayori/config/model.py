@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,6 +283,7 @@ class Table:
     entries: tuple[str, ...]
     path: str = ""
     format: str = "list"
+    query: str = ""      # an SQLite table: the lookup, one ? for the key
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,11 +362,35 @@ def _tables(raw: Any, file: str, base: str) -> dict[str, Table]:
         elif isinstance(value, dict) and "file" in value and set(value) <= {"file", "format"} \
                 and isinstance(value["file"], str):
             tables[name] = _file_table(name, value, os.path.join(base, value["file"]), file)
+        elif isinstance(value, dict) and "sqlite" in value:
+            tables[name] = _sqlite_table(name, value, base, file)
         else:
             raise ConfigError(file, key, "must be a list of strings or {file = PATH}",
                               '["example.org", ...] or { file = "/etc/tayori/domains" } '
                               '(with format = "aliases" for an aliases(5) file)')
     return tables
+
+
+def _sqlite_table(name: str, value: dict[str, Any], base: str, file: str) -> Table:
+    """``{ sqlite = PATH, query = "SELECT ... WHERE key = ?", format = ... }``: the query
+    is tried once now, so that a wrong one stops the start, not the mail."""
+    key = f"tables.{name}"
+    form, query, path = value.get("format", "list"), value.get("query"), value["sqlite"]
+    allowed = '{ sqlite = PATH, query = "SELECT ... WHERE key = ?", format = "list" | "aliases" }'
+    if set(value) - {"sqlite", "query", "format"} or not isinstance(path, str) or \
+            not isinstance(query, str) or form not in ("list", "aliases"):
+        raise ConfigError(file, key, "is not a valid SQLite table", allowed)
+    path = os.path.join(base, path)
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            db.execute(query, ("",)).fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise ConfigError(file, f"{key}.query", f"{path}: {exc}",
+                          "a SELECT with one ? (the key) on a readable database") from None
+    return Table(name, (), path, form, query)
 
 
 def _file_table(name: str, value: dict[str, Any], path: str, file: str) -> Table:

@@ -82,6 +82,13 @@ space, `#` starts a comment; a target is a local name, an address, `|command`, `
 (`info@example.org:`, a virtual alias of that domain) or `@example.org` (the domain's
 catch-all); a bare name applies to every domain of the action. Alias and user files
 are read again when they change.
+
+`NAME = { sqlite = "PATH", query = "SELECT ... WHERE key = ?", format = "list" }` looks
+entries up in an SQLite database (read-only), one query per lookup with the key (a
+lower-cased address or local part) as its parameter: for a list, a row means the key is
+in it; for `format = "aliases"`, each row's first column is a target (or several,
+separated by commas). The query is tried once at start; a database error at run time
+answers 451 (mail waits, it is not refused).
 """
 
 

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
+from collections.abc import Container
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tayori import maillog
 from tayori.address import AddressError, parse_mailbox
@@ -86,7 +89,39 @@ class _AliasFile:
         return self.aliases
 
 
-def _alias_key(aliases: dict[str, tuple[str, ...]], local: str, domain: str) -> str | None:
+class Aliases(Protocol):
+    def __contains__(self, key: object) -> bool: ...
+    def __getitem__(self, key: str) -> tuple[str, ...]: ...
+
+
+class _SqliteTable:
+    """A table in an SQLite database: ``query`` (one ``?``: the key) returns, for a list,
+    a row when the key is in it; for aliases, the targets (one per row, or separated by
+    commas). A database error is raised (the caller answers 451: fail closed)."""
+
+    def __init__(self, path: str, query: str) -> None:
+        self.path, self.query = path, query
+        self._db: sqlite3.Connection | None = None
+
+    def _rows(self, key: str) -> list[str]:
+        if self._db is None:
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                       check_same_thread=False)
+        rows = self._db.execute(self.query, (key,)).fetchall()
+        return [str(row[0]) for row in rows if row and row[0] is not None]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and bool(self._rows(key))
+
+    def __getitem__(self, key: str) -> tuple[str, ...]:
+        targets = tuple(t for row in self._rows(key) for t in
+                        (target_text(p) for p in split_targets(row)) if t)
+        if not targets:
+            raise KeyError(key)
+        return targets
+
+
+def _alias_key(aliases: Aliases, local: str, domain: str) -> str | None:
     """The entry that applies to ``local@domain``: the whole address (a virtual alias of
     that domain), then the local name (every domain of the action), then ``@domain``
     (the domain's catch-all)."""
@@ -126,6 +161,7 @@ class LocalRecipients:
         self.config = config
         self._files: dict[str, _AliasFile] = {}
         self._lists: dict[str, _ListFile] = {}
+        self._databases: dict[tuple[str, str], _SqliteTable] = {}
 
     def known(self, action_name: str, address: str) -> bool:
         action = self.config.actions.get(action_name)
@@ -189,7 +225,7 @@ class LocalRecipients:
         self._expand(aliases, key, domain, [], targets)
         return list(dict.fromkeys(targets))[:MAX_TARGETS]
 
-    def _expand(self, aliases: dict[str, tuple[str, ...]], name: str, domain: str,
+    def _expand(self, aliases: Aliases, name: str, domain: str,
                 chain: list[str], out: list[str]) -> None:
         if name in chain or len(chain) >= MAX_DEPTH:
             raise AliasLoop(" -> ".join([*chain, name]))
@@ -200,7 +236,7 @@ class LocalRecipients:
             else:
                 self._one(aliases, target, domain, [*chain, name], out)
 
-    def _one(self, aliases: dict[str, tuple[str, ...]], target: str, domain: str,
+    def _one(self, aliases: Aliases, target: str, domain: str,
              chain: list[str], out: list[str]) -> None:
         if target.startswith(("|", "/")) or "@" in target:
             out.append(target)
@@ -232,11 +268,13 @@ class LocalRecipients:
             local = local.split(delimiter, 1)[0]
         return local.lower(), domain
 
-    def _users(self, action_name: str) -> frozenset[str]:
+    def _users(self, action_name: str) -> Container[str]:
         name = self.config.actions[action_name].users
         table = self.config.tables.get(name) if name else None
         if table is None:
             return frozenset()
+        if table.query:
+            return self._sqlite(table.path, table.query)
         if not table.path:
             return frozenset(e.lower() for e in table.entries)
         source = self._lists.get(table.path)
@@ -245,9 +283,17 @@ class LocalRecipients:
                 table.path, entries=frozenset(e.lower() for e in table.entries))
         return source.current()
 
-    def _aliases(self, action_name: str) -> dict[str, tuple[str, ...]]:
+    def _sqlite(self, path: str, query: str) -> _SqliteTable:
+        source = self._databases.get((path, query))
+        if source is None:
+            source = self._databases[(path, query)] = _SqliteTable(path, query)
+        return source
+
+    def _aliases(self, action_name: str) -> Aliases:
         name = self.config.actions[action_name].aliases
         table = self.config.tables.get(name) if name else None
+        if table is not None and table.query:
+            return self._sqlite(table.path, table.query)
         if table is None or not table.path:
             return {}
         source = self._files.get(table.path)
