@@ -263,3 +263,19 @@ def test_sqlite_users_and_aliases(make_tayori: Callable[..., Tayori], tmp_path: 
     for user in ("u", "v"):
         wait_for(lambda user=user: len(new_files(mailbox(tayori, user))) == 1,
                  what=f"the message in {user}'s mailbox")
+
+
+def test_mbox_action(make_tayori: Callable[..., Tayori]) -> None:
+    """deliver = "mbox": appended under a dot-lock and an fcntl lock, mboxrd-quoted."""
+    tayori = make_tayori(deliver=True, local={"deliver": "mbox", "path": "mail/{user}.mbox"})
+    for _ in range(3):
+        send(tayori, "alice@example.net", ["u@tayori.test"],
+             MESSAGE + b"From here on\r\n")
+    box = tayori.root / "mail" / "u.mbox"
+    wait_for(lambda: box.exists() and box.read_bytes().count(b"\nFrom alice") == 2,
+             what="three messages in the mbox")
+    wait_for(lambda: not tayori.envelopes(), what="the queue to empty")
+    text = box.read_bytes()
+    assert text.startswith(b"From alice@example.net ") and text.count(b">From here on\n") == 3
+    assert b"Delivered-To: u@tayori.test\n" in text
+    assert not (tayori.root / "mail" / "u.mbox.lock").exists()

@@ -203,14 +203,15 @@ class DnsConfig:
                              "deferred, never bounced.", shown_default='"5s"')
 
 
-DELIVERY_KINDS = ("maildir", "lmtp", "mx", "relay", "pipe")
+DELIVERY_KINDS = ("maildir", "mbox", "lmtp", "mx", "relay", "pipe")
 _REMOTE_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address"}
 _MAILDIR_KEYS = {"users", "aliases", "subaddress", "quota_bytes", "quota_messages",
                  "quota_hard", "catch_all", "tag_folder", "owner", "run_as"}
 _ACTION_KEYS = {"maildir": {"path"} | _MAILDIR_KEYS,
                 "lmtp": {"host", "max_connections"},
                 "relay": {"host", "auth_user", "auth_password"} | _REMOTE_KEYS,
-                "pipe": {"command", "run_as", "timeout"}, "mx": {"port"} | _REMOTE_KEYS}
+                "pipe": {"command", "run_as", "timeout"}, "mx": {"port"} | _REMOTE_KEYS,
+                "mbox": {"path", "subaddress"}}
 _OPTIONAL_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address", "port",
                   "auth_user", "auth_password", "timeout"} | _MAILDIR_KEYS
 
@@ -218,7 +219,7 @@ _OPTIONAL_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address", "po
 @dataclass(frozen=True, slots=True)
 class ActionConfig:
     deliver: str = required(enum(*DELIVERY_KINDS), "How recipients routed here are delivered.")
-    path: str = setting("", PATH, "`maildir`: mailbox path; `{user}` and `{domain}` are "
+    path: str = setting("", PATH, "`maildir`, `mbox`: mailbox path; `{user}` and `{domain}` are "
                         "replaced by the recipient's local part and domain.")
     host: str = setting("", STRING, '`relay`, `lmtp`: next hop, "[host]:port" (or a unix '
                         "socket path for lmtp).")

@@ -59,7 +59,8 @@ SECTIONS: list[tuple[str, str, Any]] = [
                        "up the recipient domain's MX hosts; `relay` sends everything to "
                        '`host` (`"[name]:port"`: no MX lookup); `lmtp` hands mail to an '
                        'LMTP server (`"host:port"` or a unix socket path); `maildir` writes '
-                       "into the recipient's Maildir (`path`); `pipe` runs `command` with "
+                       "into the recipient's Maildir (`path`); `mbox` appends to an mbox "
+                       "file (`path`; dot-lock and fcntl lock); `pipe` runs `command` with "
                        "the message on its standard input.", ActionConfig),
     ("[[match]]", "Routing and relay rules, tried in order; the first that matches a "
                   "recipient decides its action. The client condition is written `from`.",

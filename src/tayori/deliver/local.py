@@ -24,11 +24,14 @@ Config keys: ``actions.NAME.path``, ``hostname``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import fcntl
 import os
 import pwd
 import re
 import time
+from collections.abc import Iterator
 
 from tayori import maillog
 from tayori.address import AddressError, parse_mailbox, xtext_decode, xtext_encode
@@ -157,6 +160,20 @@ class LocalDeliverer:
             extension_delimiter=job.action.subaddress))
         return Result(reply, target="pipe", final=reply.is_positive)
 
+    async def mbox_action(self, job: Delivery) -> list[Result]:
+        """An ``mbox`` action: each recipient's message appended to its mbox file."""
+        loop = asyncio.get_running_loop()
+        results = []
+        for claim in job.recipients:
+            try:
+                path = mailbox_path(job.action.path, claim.address, job.action.subaddress)
+            except MailboxPathError:
+                results.append(Result(Reply(550, "5.1.3", "this local part cannot name a "
+                                            "mailbox")))
+                continue
+            results.append(await loop.run_in_executor(None, _to_mbox, path, job, claim))
+        return results
+
     async def pipe_action(self, job: Delivery) -> list[Result]:
         """A ``pipe`` action: the command once per recipient."""
         return [await self._pipe(job, claim, job.action.command) for claim in job.recipients]
@@ -169,32 +186,72 @@ def _domain_of(address: str) -> str:
         return address.rpartition("@")[2].lower()
 
 
-def _to_file(path: str, job: Delivery, claim: Claim) -> Result:
-    """Append to an mbox file (an alias's ``/path`` target), under an exclusive flock,
-    mboxrd quoting (``>From `` lines), fsync'd before the result says delivered."""
+def _to_file(path: str, job: Delivery, claim: Claim, delivered_to: str = "") -> Result:
+    """Append to an mbox file (an alias's ``/path`` target, or an ``mbox`` action's
+    mailbox): locked as mail readers expect (a ``.lock`` dot-lock file and an fcntl
+    lock, as Dovecot and mutt do), mboxrd quoting (``>From `` lines), fsync'd before the
+    result says delivered."""
     quoted = re.compile(rb"^(>*From )", re.MULTILINE)
+    original = xtext_decode(claim.orcpt.split(";", 1)[1]) if claim.orcpt else claim.address
     try:
         with open(job.path, "rb") as source:
             body = source.read().replace(b"\r\n", b"\n")
         stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime())
-        original = xtext_decode(claim.orcpt.split(";", 1)[1]) if claim.orcpt else path
         entry = (f"From {job.message.sender or 'MAILER-DAEMON'} {stamp}\n"
-                 f"Return-Path: <{job.message.sender}>\nDelivered-To: {original}\n").encode()
+                 f"Return-Path: <{job.message.sender}>\n"
+                 f"Delivered-To: {delivered_to or original}\n").encode()
         entry += quoted.sub(rb">\1", body).rstrip(b"\n") + b"\n\n"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            view = memoryview(entry)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with _dot_lock(path):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                view = memoryview(entry)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except OSError as exc:
         return Result(Reply(451, "4.2.0", f"cannot append to {path}: {exc.strerror}"),
                       target=f"file:{path}")
     return Result(Reply(250, "2.0.0", f"appended to {path}"), target=f"file:{path}",
                   final=True)
+
+
+def _to_mbox(path: str, job: Delivery, claim: Claim) -> Result:
+    """An ``mbox`` action's delivery: its directory made if missing (0700), as for
+    Maildirs; then :func:`_to_file`."""
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    except OSError as exc:
+        return Result(Reply(451, "4.2.0", f"cannot make the directory of {path}: "
+                            f"{exc.strerror}"), target=f"file:{path}")
+    return _to_file(path, job, claim, claim.address)
+
+
+@contextlib.contextmanager
+def _dot_lock(path: str, wait: float = 30.0, stale: float = 300.0) -> Iterator[None]:
+    """``path.lock``, created exclusively; one older than ``stale`` seconds is a crashed
+    writer's and is taken over. Raises OSError (EAGAIN) after ``wait`` seconds."""
+    lock = path + ".lock"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            break
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.stat(lock).st_mtime > stale:
+                    os.unlink(lock)
+                    continue
+            if time.monotonic() > deadline:
+                raise OSError(errno.EAGAIN, "the mailbox stays locked") from None
+            time.sleep(0.05)   # on a worker thread: another writer holds the lock
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
 
 
 def _owner(user: str) -> tuple[int, int] | None:

@@ -63,7 +63,7 @@ from tayori.queue import maildrop, wakeup
 from tayori.queue.spool import Envelope, RecipientRecord, Spool, new_queue_id
 from tayori.queue.store import Claim, Outcome, QueuedMessage, QueueStore
 
-DELIVERABLE = ("mx", "relay", "lmtp", "maildir", "pipe")
+DELIVERABLE = ("mx", "relay", "lmtp", "maildir", "mbox", "pipe")
 DEFAULT_DELAY_WARNING = 4 * 3600.0   # with NOTIFY=DELAY and no queue.delay_warning
 IDLE_POLL = 60.0                      # look at the index at least this often
 ERROR_PAUSE = 5.0
@@ -306,7 +306,8 @@ class QueueManager:
                 unsettled.append(claim)
                 continue
             destination = {"mx": _domain(claim.address), "maildir": claim.action,
-                           "pipe": claim.action}.get(action.deliver, action.host)
+                           "mbox": claim.action, "pipe": claim.action}.get(action.deliver,
+                                                                           action.host)
             groups.setdefault((claim.action, destination), []).append(claim)
         size = self.config.delivery.max_recipients
         jobs: list[tuple[Delivery | None, list[Claim]]] = [
@@ -373,6 +374,8 @@ class QueueManager:
             return await self.local.deliver(job)
         if job is not None and job.action.deliver == "pipe":
             return await self.local.pipe_action(job)
+        if job is not None and job.action.deliver == "mbox":
+            return await self.local.mbox_action(job)
         if job is not None:
             return await self.dispatcher.deliver(job)
         out = []
