@@ -458,6 +458,42 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def common_arguments(parser: argparse.ArgumentParser, *, warmup: int, warmup_help: str,
+                     repeats: int) -> None:
+    """The options every benchmark here takes."""
+    parser.add_argument("--sessions", type=int, default=20, help="parallel SMTP sessions")
+    parser.add_argument("--warmup", type=int, default=warmup, help=warmup_help)
+    parser.add_argument("--repeats", type=int, default=repeats,
+                        help="runs per workload and MTA (the median is reported)")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results",
+                        help="directory for the Markdown result")
+
+
+def require(parser: argparse.ArgumentParser, *programs: str) -> None:
+    """Root, and the peer programs, or a usage error."""
+    if os.geteuid() != 0:
+        parser.error("run as root: Postfix needs it")
+    for program in programs:
+        if not os.access(program, os.X_OK):
+            parser.error(f"{program} is missing (scripts/install-peers installs it)")
+
+
+def publish(report: str, output: Path, name: str) -> int:
+    """Write the report under ``output`` and print it."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}.md"
+    path.write_text(report)
+    print(report)
+    print(f"written to {path}", file=sys.stderr)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description="Measure tayori and Postfix accepting mail into their queues, side by "
@@ -466,31 +502,16 @@ def main() -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--small", type=int, default=5000, help="4 KB messages per run")
     parser.add_argument("--large", type=int, default=1000, help="100 KB messages per run")
-    parser.add_argument("--sessions", type=int, default=20, help="parallel SMTP sessions")
-    parser.add_argument("--warmup", type=int, default=200,
-                        help="messages sent before each measured run")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="runs per workload and MTA (the median is reported)")
+    common_arguments(parser, warmup=200, warmup_help="messages sent before each measured run",
+                     repeats=3)
     parser.add_argument("--big-size", type=int, default=10, help="MB per large message")
     parser.add_argument("--big-count", type=int, default=20,
                         help="large messages sent at once (one session each)")
     parser.add_argument("--postfix-modes", nargs="+", choices=["hold", "defer"],
                         default=["hold", "defer"], help="Postfix configurations to compare")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results",
-                        help="directory for the Markdown result")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        parser.error("run as root: Postfix needs it")
-    for program in (SMTP_SOURCE, "/usr/sbin/postfix"):
-        if not os.access(program, os.X_OK):
-            parser.error(f"{program} is missing (scripts/install-peers installs it)")
-    report = run(args)
-    args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / f"accept-{datetime.datetime.now():%Y%m%d-%H%M%S}.md"
-    path.write_text(report)
-    print(report)
-    print(f"written to {path}", file=sys.stderr)
-    return 0
+    require(parser, SMTP_SOURCE, "/usr/sbin/postfix")
+    return publish(run(args), args.output, "accept")
 
 
 if __name__ == "__main__":

@@ -56,13 +56,16 @@ from typing import Protocol
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accept import (
-    ROOT,
     PostfixTarget,
     QuietTayori,
+    common_arguments,
     fmt,
     machine,
+    publish,
     ratio,
+    require,
     smtp_source,
+    table,
     tree_cpu,
 )
 from relay import TayoriRelay, Workload
@@ -289,9 +292,7 @@ def run(args: argparse.Namespace) -> str:
         f"one connection per message, {args.warmup} warm-up messages first; median of "
         f"{args.repeats} run(s).",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-        *("| " + " | ".join(row) + " |" for row in rows),
+        *table(head, rows),
         "",
         f"Every run (rate, CPU per message): {every}.",
         "",
@@ -308,26 +309,11 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=2000, help="4 KB messages per run")
     parser.add_argument("--recipients", type=int, nargs="+", default=[1, 5],
                         help="recipients (mailboxes) per message (one workload each)")
-    parser.add_argument("--sessions", type=int, default=20, help="parallel SMTP sessions")
-    parser.add_argument("--warmup", type=int, default=100,
-                        help="messages delivered before each measured run")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="runs per workload and MTA (the median is reported)")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results",
-                        help="directory for the Markdown result")
+    common_arguments(parser, warmup=100, warmup_help="messages delivered before each measured run",
+                     repeats=3)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        parser.error("run as root: Postfix needs it")
-    for program in ("/usr/sbin/smtp-source", "/usr/sbin/postfix", VIRTUAL):
-        if not os.access(program, os.X_OK):
-            parser.error(f"{program} is missing (scripts/install-peers installs it)")
-    report = run(args)
-    args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / f"local-{datetime.datetime.now():%Y%m%d-%H%M%S}.md"
-    path.write_text(report)
-    print(report)
-    print(f"written to {path}", file=sys.stderr)
-    return 0
+    require(parser, "/usr/sbin/smtp-source", "/usr/sbin/postfix", VIRTUAL)
+    return publish(run(args), args.output, "local")
 
 
 if __name__ == "__main__":

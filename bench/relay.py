@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import re
 import shutil
 import sqlite3
@@ -54,15 +53,18 @@ from typing import Protocol
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accept import (
-    ROOT,
     MiB,
     PostfixTarget,
     QuietTayori,
     TayoriTarget,
+    common_arguments,
     fmt,
     machine,
+    publish,
     ratio,
+    require,
     smtp_source,
+    table,
     tree_cpu,
 )
 
@@ -282,9 +284,7 @@ def run(args: argparse.Namespace) -> str:
         f"smtp-source → MTA → smtp-sink, {args.sessions} sessions, one connection per "
         f"message, {args.warmup} warm-up messages first; median of {args.repeats} run(s).",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-        *("| " + " | ".join(row) + " |" for row in rows),
+        *table(head, rows),
         "",
         f"Every run (rate, CPU per message, sink transactions per message): {every}.",
         "",
@@ -302,26 +302,11 @@ def main() -> int:
     parser.add_argument("--large", type=int, default=500, help="100 KB messages per run")
     parser.add_argument("--recipients", type=int, nargs="+", default=[1, 5],
                         help="recipients per message (one workload each)")
-    parser.add_argument("--sessions", type=int, default=20, help="parallel SMTP sessions")
-    parser.add_argument("--warmup", type=int, default=100,
-                        help="messages relayed before each measured run")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="runs per workload and MTA (the median is reported)")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results",
-                        help="directory for the Markdown result")
+    common_arguments(parser, warmup=100, warmup_help="messages relayed before each measured run",
+                     repeats=1)
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        parser.error("run as root: Postfix needs it")
-    for program in ("/usr/sbin/smtp-source", "/usr/sbin/smtp-sink", "/usr/sbin/postfix"):
-        if not os.access(program, os.X_OK):
-            parser.error(f"{program} is missing (scripts/install-peers installs it)")
-    report = run(args)
-    args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / f"relay-{datetime.datetime.now():%Y%m%d-%H%M%S}.md"
-    path.write_text(report)
-    print(report)
-    print(f"written to {path}", file=sys.stderr)
-    return 0
+    require(parser, "/usr/sbin/smtp-source", "/usr/sbin/smtp-sink", "/usr/sbin/postfix")
+    return publish(run(args), args.output, "relay")
 
 
 if __name__ == "__main__":
