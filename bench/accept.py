@@ -278,7 +278,9 @@ class PostfixTarget:
 
 
 @dataclass
-class Accepted:
+class Measured:
+    """One measured run: messages handled, wall seconds, CPU seconds of the MTA."""
+
     messages: int
     seconds: float
     cpu: float
@@ -309,7 +311,7 @@ def smtp_source(port: int, count: int, size: int, sessions: int, *,
 
 
 def measure_accept(target: Target, count: int, size: int, sessions: int,
-                   warmup: int) -> Accepted:
+                   warmup: int) -> Measured:
     target.start()
     try:
         done, _ = smtp_source(target.port, warmup, size, sessions)
@@ -323,7 +325,7 @@ def measure_accept(target: Target, count: int, size: int, sessions: int,
         assert done == count, f"{target.name}: smtp-source counted {done} of {count}"
         queued = target.queued() - before
         assert queued == done, f"{target.name}: {queued} queued, {done} acknowledged"
-        return Accepted(done, seconds, cpu)
+        return Measured(done, seconds, cpu)
     finally:
         target.stop()
 
@@ -397,7 +399,7 @@ def run(args: argparse.Namespace) -> str:
         return [TayoriTarget(base)] + [PostfixTarget(m, base) for m in args.postfix_modes]
 
     workloads = [("4 KB", 4096, args.small), ("100 KB", 100 * 1024, args.large)]
-    accepted: dict[tuple[str, str], list[Accepted]] = {}
+    accepted: dict[tuple[str, str], list[Measured]] = {}
     try:
         for repeat in range(args.repeats):
             for label, size, count in workloads:

@@ -56,6 +56,7 @@ from typing import Protocol
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accept import (
+    Measured,
     PostfixTarget,
     QuietTayori,
     common_arguments,
@@ -166,21 +167,6 @@ class PostfixLocal(PostfixTarget):
         return self.instance.log()[-3000:] if self.instance is not None else ""
 
 
-@dataclass
-class Delivered:
-    messages: int
-    seconds: float
-    cpu: float
-
-    @property
-    def rate(self) -> float:
-        return self.messages / self.seconds
-
-    @property
-    def cpu_per_message(self) -> float:
-        return self.cpu / self.messages
-
-
 def local_run(target: LocalTarget, load: Workload, sessions: int) -> tuple[float, float]:
     """One smtp-source run into the target; returns (seconds, CPU seconds) once every
     recipient's file is in ``new/`` and the queue is empty."""
@@ -230,12 +216,12 @@ def local_run(target: LocalTarget, load: Workload, sessions: int) -> tuple[float
     return seconds, cpu
 
 
-def measure(target: LocalTarget, load: Workload, sessions: int, warmup: int) -> Delivered:
+def measure(target: LocalTarget, load: Workload, sessions: int, warmup: int) -> Measured:
     target.start()
     try:
         local_run(target, replace(load, messages=warmup), sessions)
         seconds, cpu = local_run(target, load, sessions)
-        return Delivered(load.messages, seconds, cpu)
+        return Measured(load.messages, seconds, cpu)
     finally:
         target.stop()
 
@@ -251,7 +237,7 @@ def run(args: argparse.Namespace) -> str:
 
     workloads = [Workload(f"4 KB × {recipients} rcpt", 4096, args.messages, recipients)
                  for recipients in args.recipients]
-    results: dict[tuple[str, str], list[Delivered]] = {}
+    results: dict[tuple[str, str], list[Measured]] = {}
     try:
         for repeat in range(args.repeats):
             for load in workloads:

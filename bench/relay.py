@@ -53,6 +53,7 @@ from typing import Protocol
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accept import (
+    Measured,
     MiB,
     PostfixTarget,
     QuietTayori,
@@ -163,19 +164,8 @@ class Workload:
 
 
 @dataclass
-class Relayed:
-    messages: int
-    seconds: float
-    cpu: float
+class Relayed(Measured):
     transactions: int   # counted by the sink
-
-    @property
-    def rate(self) -> float:
-        return self.messages / self.seconds
-
-    @property
-    def cpu_per_message(self) -> float:
-        return self.cpu / self.messages
 
 
 def relay_run(target: RelayTarget, count: SinkCounter, load: Workload,
