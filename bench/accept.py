@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -458,6 +458,25 @@ def run(args: argparse.Namespace) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def comparison(workloads: list[Any], results: dict[tuple[str, str], list[Any]],
+               names: list[str]) -> list[str]:
+    """The side-by-side table (medians of the runs; the first name over the second) of the
+    relay and local benchmarks; ``workloads`` have a ``label`` and ``messages``."""
+    def median(label: str, name: str, attr: str) -> float:
+        return float(statistics.median(getattr(r, attr) for r in results[(label, name)]))
+
+    head = ["workload", "tayori msg/s", "postfix msg/s", "tayori / postfix",
+            "tayori CPU ms/msg", "postfix CPU ms/msg", "tayori / postfix"]
+    rows = []
+    for load in workloads:
+        rates = [median(load.label, n, "rate") for n in names]
+        cpus = [median(load.label, n, "cpu_per_message") * 1000 for n in names]
+        rows.append([f"{load.label}, {load.messages} messages", *(fmt(r) for r in rates),
+                     ratio(rates[0], rates[1]), *(fmt(c, 2) for c in cpus),
+                     ratio(cpus[0], cpus[1])])
+    return table(head, rows)
 
 
 def table(head: list[str], rows: list[list[str]]) -> list[str]:

@@ -44,7 +44,6 @@ import datetime
 import os
 import pwd
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -60,13 +59,11 @@ from accept import (
     PostfixTarget,
     QuietTayori,
     common_arguments,
-    fmt,
+    comparison,
     machine,
     publish,
-    ratio,
     require,
     smtp_source,
-    table,
     tree_cpu,
 )
 from relay import TayoriRelay, Workload
@@ -250,18 +247,6 @@ def run(args: argparse.Namespace) -> str:
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
-    def median(label: str, name: str, attr: str) -> float:
-        return float(statistics.median(getattr(r, attr) for r in results[(label, name)]))
-
-    head = ["workload", "tayori msg/s", "postfix msg/s", "tayori / postfix",
-            "tayori CPU ms/msg", "postfix CPU ms/msg", "tayori / postfix"]
-    rows = []
-    for load in workloads:
-        rates = [median(load.label, n, "rate") for n in names]
-        cpus = [median(load.label, n, "cpu_per_message") * 1000 for n in names]
-        rows.append([f"{load.label}, {load.messages} messages", *(fmt(r) for r in rates),
-                     ratio(rates[0], rates[1]), *(fmt(c, 2) for c in cpus),
-                     ratio(cpus[0], cpus[1])])
     every = "; ".join(
         f"{load.label} {name}: " + ", ".join(
             f"{r.rate:.0f}/s {r.cpu_per_message * 1000:.2f} ms"
@@ -278,7 +263,7 @@ def run(args: argparse.Namespace) -> str:
         f"one connection per message, {args.warmup} warm-up messages first; median of "
         f"{args.repeats} run(s).",
         "",
-        *table(head, rows),
+        *comparison(workloads, results, names),
         "",
         f"Every run (rate, CPU per message): {every}.",
         "",

@@ -41,7 +41,6 @@ import datetime
 import re
 import shutil
 import sqlite3
-import statistics
 import sys
 import tempfile
 import threading
@@ -59,13 +58,11 @@ from accept import (
     QuietTayori,
     TayoriTarget,
     common_arguments,
-    fmt,
+    comparison,
     machine,
     publish,
-    ratio,
     require,
     smtp_source,
-    table,
     tree_cpu,
 )
 
@@ -248,18 +245,6 @@ def run(args: argparse.Namespace) -> str:
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
-    def median(label: str, name: str, attr: str) -> float:
-        return float(statistics.median(getattr(r, attr) for r in results[(label, name)]))
-
-    head = ["workload", "tayori msg/s", "postfix msg/s", "tayori / postfix",
-            "tayori CPU ms/msg", "postfix CPU ms/msg", "tayori / postfix"]
-    rows = []
-    for load in workloads:
-        rates = [median(load.label, n, "rate") for n in names]
-        cpus = [median(load.label, n, "cpu_per_message") * 1000 for n in names]
-        rows.append([f"{load.label}, {load.messages} messages", *(fmt(r) for r in rates),
-                     ratio(rates[0], rates[1]), *(fmt(c, 2) for c in cpus),
-                     ratio(cpus[0], cpus[1])])
     every = "; ".join(
         f"{load.label} {name}: " + ", ".join(
             f"{r.rate:.0f}/s {r.cpu_per_message * 1000:.2f} ms "
@@ -274,7 +259,7 @@ def run(args: argparse.Namespace) -> str:
         f"smtp-source → MTA → smtp-sink, {args.sessions} sessions, one connection per "
         f"message, {args.warmup} warm-up messages first; median of {args.repeats} run(s).",
         "",
-        *table(head, rows),
+        *comparison(workloads, results, names),
         "",
         f"Every run (rate, CPU per message, sink transactions per message): {every}.",
         "",
