@@ -112,17 +112,14 @@ def log_errors(server: Tayori) -> list[str]:
     return [line[:1500] for line in server.log().splitlines() if "Z error " in line]
 
 
-def wait_all_delivered(server: Tayori, sink: SmtpPeer, acked: dict[str, bytes]) -> None:
-    """Until the sink has every acknowledged message for every recipient and the queue
-    is empty."""
-    wanted = {(token, rcpt) for token in acked for rcpt in RECIPIENTS}
-
-    def delivered() -> set[tuple[str, str]]:
-        return {(token_of(m.data), rcpt) for m in sink.messages for rcpt in m.recipients}
-
+def wait_all_delivered(server: Tayori, delivered: Callable[[], set[tuple[str, str]]],
+                       acked: dict[str, bytes], recipients: tuple[str, ...], where: str) -> None:
+    """Until ``delivered()`` (Message-ID, recipient) pairs hold every acknowledged message
+    for every recipient and the queue is empty; then no error in the log, no body left."""
+    wanted = {(token, rcpt) for token in acked for rcpt in recipients}
     try:
         wait_for(lambda: wanted <= delivered() and not server.envelopes(), timeout=30,
-                 interval=0.1, what="every acknowledged message at the sink, queue empty")
+                 interval=0.1, what=f"every acknowledged message {where}, queue empty")
     except AssertionError:
         lost = sorted(wanted - delivered())
         stuck = [(env.message_id, env.state, [(r.address, r.state, r.last_reply)
@@ -149,7 +146,9 @@ def test_sigkill_while_delivering_loses_nothing_repeats_only_inflight(
         kill_under_load(server, load, kills, lambda: len(sink.transactions), times=KILLS,
                         seed=SEED, errors=lambda: log_errors(server))
         server.start()  # the final restart
-        wait_all_delivered(server, sink, load.acked)
+        wait_all_delivered(server, lambda: {(token_of(m.data), rcpt) for m in sink.messages
+                                            for rcpt in m.recipients},
+                           load.acked, RECIPIENTS, "at the sink")
     messages = sink.messages
 
     copies: collections.Counter[tuple[str, str]] = collections.Counter()

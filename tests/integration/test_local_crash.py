@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_delivery_crash import MAX_ACTIVE, Kills, log_errors, token_of
+from test_delivery_crash import MAX_ACTIVE, Kills, log_errors, token_of, wait_all_delivered
 
-from harness import Tayori, wait_for
+from harness import Tayori
 from load import TrackedLoad, kill_under_load
 
 pytestmark = [pytest.mark.slow]
@@ -120,24 +120,6 @@ class Mailboxes:
         self.copies[(token, rcpt)] += 1
 
 
-def wait_all_delivered(server: Tayori, boxes: Mailboxes, acked: dict[str, bytes]) -> None:
-    """Until both mailboxes have every acknowledged message and the queue is empty."""
-    wanted = {(token, rcpt) for token in acked for rcpt in RECIPIENTS}
-    try:
-        wait_for(lambda: wanted <= boxes.scan() and not server.envelopes(), timeout=30,
-                 interval=0.1, what="every acknowledged message in new/, queue empty")
-    except AssertionError:
-        lost = sorted(wanted - boxes.scan())
-        stuck = [(env.message_id, env.state, [(r.address, r.state, r.last_reply)
-                                              for r in env.recipients])
-                 for env in server.envelopes()]
-        raise AssertionError(f"{len(lost)} acknowledged deliveries missing, e.g. {lost[:5]}; "
-                             f"{len(stuck)} messages still queued, e.g. {stuck[:5]}") from None
-    errors = log_errors(server)
-    assert not errors, f"{len(errors)} errors in tayori's log, e.g. {errors[:3]}"
-    assert os.listdir(server.spool / "messages") == [], "body files left after delivery"
-
-
 def process_tree(root: int) -> set[int]:
     """root and its descendants (the running tayori: supervisor and workers)."""
     children: dict[int, list[int]] = collections.defaultdict(list)
@@ -213,7 +195,7 @@ def test_sigkill_while_delivering_locally_loses_nothing_repeats_only_inflight(
                     errors=lambda: log_errors(server))
     server.start()  # the final restart
     boxes = Mailboxes(server, load.attempted)
-    wait_all_delivered(server, boxes, load.acked)
+    wait_all_delivered(server, boxes.scan, load.acked, RECIPIENTS, "in new/")
     left = check_tmp(server, boxes, kills)
 
     copies = boxes.copies
