@@ -8,7 +8,8 @@ Promises (DESIGN §2.2, §5):
   bounded whatever the queue size.
 - :meth:`QueueStore.record` writes the outcomes of attempts in one transaction: each
   recipient leaves ``inflight`` for exactly one state (delivered, deferred with its next
-  attempt, bounced, expired; ``held`` when the operator held the message meanwhile).
+  attempt, bounced, expired; ``held`` when the operator held the message meanwhile); an
+  alias's targets become new recipients of the message in the same transaction.
 - :meth:`QueueStore.remove_finished` deletes the rows of messages with no recipient
   left to deliver and returns their ids (the caller removes the body files);
   :meth:`QueueStore.settle` does both for many messages in one transaction.
@@ -236,12 +237,6 @@ class QueueStore:
             return self._db.execute(
                 "UPDATE recipients SET next_attempt = ? WHERE state IN ('queued', 'deferred')"
                 + where, (now, queue_id) if queue_id else (now,)).rowcount
-
-    def inflight(self, queue_id: str) -> int:
-        """Recipients of the message in an attempt right now."""
-        row = self._db.execute("SELECT COUNT(*) FROM recipients WHERE message = ? "
-                               "AND state = 'inflight'", (queue_id,)).fetchone()
-        return int(row[0])
 
     def cancel(self, queue_id: str) -> int:
         """Delete with a DSN: the manager reports the undelivered recipients as failed.

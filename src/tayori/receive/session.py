@@ -7,11 +7,13 @@ Promises: the engine's events are answered in order, one verb's rules in one han
 :class:`Draft` chunk by chunk (reading pauses while more than :data:`HIGH_WATER` bytes
 wait, so memory per session is bounded); ``250`` is sent only after ``Spool.commit``
 returned (DESIGN §2.1); the queue id is in the 250 reply, the Received header and every
-log line of the message.
+log line of the message. At RCPT a recipient needs a match rule (else ``554 5.7.1``),
+must exist when its action has local tables (else ``550 5.1.1``,
+:mod:`tayori.route.local`) and must not have a full mailbox (else ``452 4.2.2``).
 Failure policy: a disk error while receiving answers ``452 4.3.1`` and the session goes on;
 an unexpected exception answers ``451 4.3.0`` (never its text) and closes; idle clients
 get ``421 4.4.2`` after ``limits.command_timeout`` / ``limits.data_timeout``.
-Config keys: ``hostname``, ``limits.*``, ``smtp.*``, ``listen.*``.
+Config keys: ``hostname``, ``limits.*``, ``smtp.*``, ``listen.*``, ``match``, ``actions``.
 Standards: RFC 5321 §4.5.3.2 (timeouts), RFC 3207 (STARTTLS), RFC 2920 (batched replies).
 """
 
