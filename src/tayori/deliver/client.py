@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import ssl
 import time
 from collections.abc import Container, Iterable, Iterator
@@ -446,10 +447,16 @@ def _unread(reader: asyncio.StreamReader) -> int:
     return len(getattr(reader, "_buffer", b""))
 
 
+def is_ip(text: str) -> bool:
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(text)
+        return True
+    return False
+
+
 def _server_name(host: str) -> str | None:
-    """The name for SNI and certificate checks; none for an address literal."""
-    return None if host.startswith("[") or ":" in host or host.replace(".", "").isdigit() \
-        else host
+    """The name for SNI and certificate checks; none for an address or address literal."""
+    return None if host.startswith("[") or is_ip(host) else host
 
 
 def _downgraded(path: str) -> bytes:

@@ -24,8 +24,6 @@ Config keys: ``actions.*``, ``delivery.*``, ``dns.*``, ``hostname``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import os
 import socket
 import traceback
@@ -43,6 +41,7 @@ from tayori.deliver.client import (
     Timeouts,
     TlsFallback,
     Transaction,
+    is_ip,
 )
 from tayori.dns import DnsTemporaryError, NxDomain, Resolver
 from tayori.errors import INTERNAL_ERROR, Reply
@@ -255,7 +254,7 @@ class Dispatcher:
             return await self._mx_targets(job.destination, action.port)
         host, port, brackets = parse_next_hop(action.host, 25 if action.deliver == "relay"
                                               else 24)
-        if port == 0 or _is_ip(host):
+        if port == 0 or is_ip(host):
             return [Target(host, host, port)]
         if action.deliver == "relay" and not brackets:
             try:
@@ -326,9 +325,3 @@ def _temporary(reply: Reply) -> Reply:
     status = "4" + reply.status[1:] if reply.status else "4.4.0"
     return Reply(451, status, reply.text)
 
-
-def _is_ip(text: str) -> bool:
-    with contextlib.suppress(ValueError):
-        ipaddress.ip_address(text)
-        return True
-    return False
