@@ -27,7 +27,7 @@ Promises (DESIGN §2.2, §2.5, §5):
   crash in between repeats the attempt and the DSN, it never loses it.
 - Messages with nothing left to do leave the index and the disk.
 - Messages dropped by the sendmail command (:mod:`tayori.queue.maildrop`) are picked
-  up into the queue at every turn of the loop.
+  up into the queue when the maildrop changed (a stat per turn), or every 30 s.
 - ``maildir`` and ``pipe`` recipients are delivered by :mod:`tayori.deliver.local`, a
   message's recipients of one action together; the others by the dispatcher.
 Failure policy: an error of the index or the disk is logged and the manager tries again
@@ -68,6 +68,7 @@ DEFAULT_DELAY_WARNING = 4 * 3600.0   # with NOTIFY=DELAY and no queue.delay_warn
 IDLE_POLL = 60.0                      # look at the index at least this often
 ERROR_PAUSE = 5.0
 DSN_RETRY = 60.0                      # a DSN that could not be queued: attempt again
+MAILDROP_RESCAN = 30.0                # look into the maildrop at least this often
 POSTPONE = 30.0                       # a busy destination's recipients wait about this
 JITTER = 0.1
 T = TypeVar("T")
@@ -176,6 +177,8 @@ class QueueManager:
         self._runner: asyncio.Task[None] | None = None
         self._listener: wakeup.Listener | None = None
         self._unsettled: list[tuple[list[Outcome], str, asyncio.Future[None]]] = []
+        self._maildrop_seen: int | None = None    # the maildrop's mtime when last empty
+        self._maildrop_scanned = 0.0
         self._settler: asyncio.Task[None] | None = None
 
     @property
@@ -261,10 +264,24 @@ class QueueManager:
                 await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _pickup(self) -> None:
-        """Messages dropped by the sendmail command join the queue (each wakes us)."""
+        """Messages dropped by the sendmail command join the queue (each wakes us). The
+        maildrop is scanned only when its directory changed since it was last found
+        empty, or half a minute passed (a drop within the same timestamp tick as that
+        look): the turns woken by received mail pay one stat, not a thread hand-off."""
+        try:
+            stamp = os.stat(maildrop.path_of(self.spool.directory)).st_mtime_ns
+        except OSError:
+            stamp = None
+        now = time.monotonic()
+        if stamp is not None and stamp == self._maildrop_seen and \
+                now - self._maildrop_scanned < MAILDROP_RESCAN:
+            return
+        self._maildrop_scanned = now
         queued = await maildrop.pickup(self.spool, self.config, self.rules)
         if queued:
             maillog.event("picked-up", messages=len(queued))
+        else:
+            self._maildrop_seen = stamp
 
     async def _fill(self) -> float:
         """Claim what is due while the window has room; return how long to wait."""
