@@ -28,8 +28,9 @@ Promises (DESIGN §2.2, §2.5, §5):
 - Messages with nothing left to do leave the index and the disk.
 - Messages dropped by the sendmail command (:mod:`tayori.queue.maildrop`) are picked
   up into the queue when the maildrop changed (a stat per turn), or every 30 s.
-- ``maildir`` and ``pipe`` recipients are delivered by :mod:`tayori.deliver.local`, a
-  message's recipients of one action together; the others by the dispatcher.
+- ``maildir``, ``mbox`` and ``pipe`` recipients are delivered by
+  :mod:`tayori.deliver.local`, a message's recipients of one action together; the others
+  by the dispatcher.
 Failure policy: an error of the index or the disk is logged and the manager tries again
 after a pause; an unexpected exception in one attempt is confined to its recipients
 (``451 4.3.0``, retried).
