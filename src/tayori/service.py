@@ -2,12 +2,13 @@
 
 Takes: a config path (or None for the embedded default).
 Promises: start-up in a safe order: validate the config, lock and recover the spool
-(DESIGN §2.2), bind the listeners (privileged ports need root), hand the spool to the
-unprivileged ``user`` and drop to it, then serve. With ``workers`` above 1 the process
-becomes a supervisor that forks that many workers (each with its own event loop, spool
-committer and index connection, all accepting on the shared listening sockets; worker 0
-also runs the queue manager, which delivers), restarts
-a worker that dies, and forwards signals; workers die with the supervisor
+(DESIGN §2.2), bind the listeners (privileged ports need root), start the privileged
+delivery helper when root (:mod:`tayori.deliver.privileged`: mailboxes and commands as
+their users), hand the spool to the unprivileged ``user`` and drop to it, then serve.
+With ``workers`` above 1 the process becomes a supervisor that forks that many workers
+(each with its own event loop, spool committer and index connection, all accepting on
+the shared listening sockets; worker 0 also runs the queue manager, which delivers),
+restarts a worker that dies, and forwards signals; workers die with the supervisor
 (PR_SET_PDEATHSIG), so a killed tayori leaves nothing behind. SIGTERM/SIGINT drain: no
 new connections, running sessions get ``limits.drain_timeout`` to finish, then exit 0.
 SIGHUP re-reads the config; an invalid new config is logged and the old one kept.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import pwd
 import signal
@@ -32,15 +32,16 @@ from typing import Any
 
 from tayori import maillog
 from tayori.config import Config, ConfigError, load
+from tayori.deliver import privileged
 from tayori.deliver.dispatch import Dispatcher, Identity
 from tayori.dns import DnsPythonResolver
+from tayori.process import die_with_parent
 from tayori.queue.manager import QueueManager
 from tayori.queue.spool import Spool, SpoolBusy
 from tayori.receive.connections import ConnectionTable
 from tayori.receive.listener import Receiver
 from tayori.receive.tls import TlsSetupError
 
-PR_SET_PDEATHSIG = 1
 RESPAWN_WINDOW = 5.0      # a worker that dies sooner than this after its start...
 MAX_QUICK_DEATHS = 3      # ...this many times in a row stops the service
 HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -75,6 +76,8 @@ def run(config_path: str | None) -> int:
     except OSError as exc:
         spool.close()
         raise StartupError(f"cannot listen: {exc.strerror} ({exc.errno})") from None
+    if os.geteuid() == 0:
+        _start_privileged_helper(config)
     if config.user:
         drop_privileges(config.user, config.spool, config.log.file)
     if workers == 1:
@@ -172,7 +175,7 @@ class Supervisor:
         try:
             for signum in HANDLED_SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
-            _die_with_parent()
+            die_with_parent()
             self.receiver.connections.worker = worker
             code = _serve(self.receiver, self.spool, self.config_path, announce=False,
                           deliver=worker == 0)
@@ -220,16 +223,6 @@ class Supervisor:
                 os.kill(pid, signum)
 
 
-def _die_with_parent() -> None:
-    """Linux: this worker gets SIGKILL when the supervisor dies, whatever kills it."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the supervisor died before prctl took effect
-        os._exit(1)
-
-
 async def _wait_for_signals(receiver: Receiver, config_path: str | None,
                             manager: QueueManager | None) -> None:
     loop = asyncio.get_running_loop()
@@ -260,6 +253,20 @@ def _reload(receiver: Receiver, config_path: str | None, manager: QueueManager |
     except OSError as exc:
         maillog.error("reload-failed", reason=f"log file: {exc}", kept="previous log settings")
     maillog.event("reloaded", config=config.file)
+
+
+def _start_privileged_helper(config: Config) -> None:
+    """Root: the helper that writes mailboxes and runs commands as their users, for
+    tayori's processes once they run as ``user`` (or as root)."""
+    client_uid = 0
+    if config.user:
+        with contextlib.suppress(KeyError):   # an unknown user fails in drop_privileges
+            client_uid = pwd.getpwnam(config.user).pw_uid
+    try:
+        pid = privileged.start(config.spool, client_uid)
+    except OSError as exc:
+        raise StartupError(f"cannot start the privileged delivery helper: {exc}") from None
+    maillog.event("privileged-helper-started", pid=pid)
 
 
 def drop_privileges(user: str, spool_dir: str, log_file: str) -> None:

@@ -206,7 +206,8 @@ class DnsConfig:
 DELIVERY_KINDS = ("maildir", "mbox", "lmtp", "mx", "relay", "pipe")
 _REMOTE_KEYS = {"tls", "tls_ca_file", "max_connections", "source_address"}
 _MAILDIR_KEYS = {"users", "aliases", "subaddress", "quota_bytes", "quota_messages",
-                 "quota_hard", "catch_all", "tag_folder", "owner", "run_as"}
+                 "quota_hard", "catch_all", "tag_folder", "owner", "run_as", "forward",
+                 "forward_path", "timeout"}
 _ACTION_KEYS = {"maildir": {"path"} | _MAILDIR_KEYS,
                 "lmtp": {"host", "max_connections"},
                 "relay": {"host", "auth_user", "auth_password"} | _REMOTE_KEYS,
@@ -238,13 +239,24 @@ class ActionConfig:
                              "gets mail for unknown local parts instead of a 550 at RCPT.")
     tag_folder: bool = setting(False, BOOL, "`maildir`: `user+tag` goes to the Maildir++ "
                                "folder `tag` (when it is a valid folder name), not INBOX.")
-    owner: str = setting("", STRING, "`maildir`: the system user that owns the mailboxes "
-                         "(needs tayori running as root, without `user`). Empty: the user "
-                         "tayori runs as (one virtual mail user for all mailboxes).")
+    owner: str = setting("", STRING, "`maildir`: the system user that owns the mailboxes, or "
+                         '"recipient": each mailbox belongs to the system account named by '
+                         "its local part (unknown ones are refused at RCPT; never root). "
+                         "Needs tayori started as root (with `user`, a privileged helper "
+                         "writes the files). Empty: the user tayori runs as (one virtual mail "
+                         "user for all mailboxes).")
     run_as: str = setting("", STRING, "`pipe`, and `|command` aliases of a `maildir` action: "
                           "run commands as this system user. Empty: as tayori runs.")
-    timeout: float = setting(600.0, DURATION, "`pipe`: how long the command may run; then "
-                             "it is killed and the delivery deferred.", shown_default='"10m"')
+    forward: bool = setting(False, BOOL, "`maildir`: a recipient that is a system account "
+                            "may redirect its mail with a `.forward` file (aliases(5) "
+                            "targets; `\\user` keeps a copy in the user's own mailbox; "
+                            "`|command` and `/file` run as that user). The file must belong "
+                            "to the user (or root) and be writable by nobody else.")
+    forward_path: str = setting("{home}/.forward", STRING, "`maildir`, with `forward`: where "
+                                "the file is; `{home}` and `{user}` are replaced.")
+    timeout: float = setting(600.0, DURATION, "`pipe`, and `|command` targets of a `maildir` "
+                             "action: how long the command may run; then it is killed and "
+                             "the delivery deferred.", shown_default='"10m"')
     quota_bytes: int = setting(0, SIZE, "`maildir`: most bytes per mailbox; 0: no limit. "
                                "Full: 452 4.2.2 at RCPT, or a deferral when only the message "
                                "makes it full, and a 5.2.2 bounce at the end of the lifetime.")

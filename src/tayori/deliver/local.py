@@ -5,8 +5,13 @@ Takes: a :class:`~tayori.deliver.dispatch.Delivery` whose action is ``deliver =
 Aliases: a recipient that is an alias of the action's ``aliases`` table becomes the
 recipients it expands to (new rows of the same message, queued at once, routed by the
 match rules like mail tayori writes itself); the alias is reported ``expanded``.
+``.forward`` (with ``forward``): a recipient that is a system account with a usable
+``.forward`` (:mod:`tayori.route.forward`) is expanded the same way, after the aliases;
+its targets carry the account as their ``owner``, so that its ``|command`` and
+``/file`` targets run as that account. ``\\user`` targets (and a ``.forward``'s own
+address) go straight to that mailbox, never expanded again.
 ``|command`` targets run through :mod:`tayori.deliver.pipe`; ``/path`` targets are
-appended to an mbox file (flock, mboxrd quoting, fsync). Expansion deeper than
+appended to an mbox file (:mod:`tayori.deliver.mbox`). Expansion deeper than
 :data:`~tayori.route.local.MAX_DEPTH` (a loop through addresses) is ``554 5.4.6``.
 Promises: the mailbox path is the action's ``path`` with ``{user}`` (the local part,
 lower-cased, without a ``+tag``) and ``{domain}`` (the A-label domain, lower-cased)
@@ -15,36 +20,40 @@ filled in; a local part that could leave the mail directory (``/``, a leading do
 written by :func:`tayori.deliver.maildir.deliver` on a worker thread (fsync'd and
 renamed into ``new/`` before the result says delivered), with ``Return-Path`` and
 ``Delivered-To`` added. Results are final (``delivered`` in a DSN).
+Ownership: without ``owner`` the files belong to the user tayori runs as; with
+``owner`` (one account, or ``"recipient"``: the account the local part names) a root
+tayori chowns what it creates, and a tayori that dropped its privileges to ``user``
+has the privileged helper (:mod:`tayori.deliver.privileged`) write them; the same
+helper runs commands and appends files as another account.
 Failure policy: :class:`~tayori.deliver.maildir.MaildirError` replies as they are
 (temporary for disk and permission problems: mail waits for the operator, it does not
-bounce); anything unexpected reaches the queue manager, which answers ``451 4.3.0``.
-Config keys: ``actions.NAME.path``, ``hostname``.
+bounce); no helper where one is needed is ``451 4.3.5``; anything unexpected reaches
+the queue manager, which answers ``451 4.3.0``.
+Config keys: ``actions.NAME.path``, ``.owner``, ``.forward``, ``.forward_path``,
+``.run_as``, ``.timeout``, ``hostname``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import fcntl
+import functools
 import os
 import pwd
-import re
-import time
-from collections.abc import Iterator
 
 from tayori import maillog
 from tayori.address import AddressError, parse_mailbox, xtext_decode, xtext_encode
 from tayori.config import Config
 from tayori.config.model import ActionConfig
-from tayori.deliver import maildir, pipe
+from tayori.deliver import maildir, mbox, pipe, privileged
 from tayori.deliver.dispatch import Delivery, Result
 from tayori.errors import Reply
 from tayori.policy.relay import Rules
 from tayori.queue.spool import RecipientRecord
 from tayori.queue.store import Claim
+from tayori.route.forward import ForwardUnavailable, forward_of, system_account
 from tayori.route.local import (
     MAX_DEPTH,
+    OWNER_RECIPIENT,
     AliasLoop,
     LocalRecipients,
     MailboxPathError,
@@ -82,25 +91,53 @@ class LocalDeliverer:
 
     async def _route(self, job: Delivery, claim: Claim) -> Result | str:
         """The result for a recipient that needs no mailbox write (pipe, file, alias,
-        catch-all, refusal), or the path of its mailbox."""
-        if claim.address.startswith("|"):
+        ``.forward``, catch-all, refusal), or the path of its mailbox."""
+        address = claim.address
+        if address.startswith("|"):
             return await self._pipe(job, claim)
-        if claim.address.startswith("/"):
+        if address.startswith("/"):
+            original = xtext_decode(claim.orcpt.split(";", 1)[1]) if claim.orcpt else address
             return await asyncio.get_running_loop().run_in_executor(
-                None, _to_file, claim.address, job, claim)
+                None, functools.partial(_append, address, job, claim, delivered_to=original))
+        if address.startswith("\\"):   # \user: its own mailbox, no alias, no .forward
+            return self._mailbox(job, address[1:])
         try:
-            targets = self.local.expand(job.action_name, claim.address)
+            targets = self.local.expand(job.action_name, address)
             if targets is not None and claim.depth >= MAX_DEPTH:
-                raise AliasLoop(claim.address)
+                raise AliasLoop(address)
         except AliasLoop:
-            return Result(Reply(554, "5.4.6", f"alias loop for {claim.address}"))
+            return Result(Reply(554, "5.4.6", f"alias loop for {address}"))
         if targets is not None:
             return self._expanded(job, claim, targets)
-        catch_all = self.local.catch_all(job.action_name, claim.address)
+        if job.action.forward:
+            forwarded = await self._forward(job, claim)
+            if forwarded is not None:
+                return forwarded
+        catch_all = self.local.catch_all(job.action_name, address)
         if catch_all is not None:
             return self._expanded(job, claim, [catch_all])
+        return self._mailbox(job, address)
+
+    async def _forward(self, job: Delivery, claim: Claim) -> Result | None:
+        """The recipient's ``.forward`` expanded; None when it has none."""
         try:
-            return mailbox_path(job.action.path, claim.address, job.action.subaddress)
+            forward = await asyncio.get_running_loop().run_in_executor(
+                None, forward_of, job.action.forward_path, claim.address,
+                job.action.subaddress)
+        except ForwardUnavailable as exc:
+            maillog.warning("forward-unavailable", queue_id=job.message.queue_id,
+                            recipient=claim.address, reason=str(exc))
+            return Result(Reply(451, "4.3.0", "cannot read the .forward file now"))
+        if forward is None:
+            return None
+        if claim.depth >= MAX_DEPTH:
+            return Result(Reply(554, "5.4.6", f"forwarding loop for {claim.address}"))
+        return self._expanded(job, claim, list(forward.targets), owner=forward.user)
+
+    @staticmethod
+    def _mailbox(job: Delivery, address: str) -> Result | str:
+        try:
+            return mailbox_path(job.action.path, address, job.action.subaddress)
         except MailboxPathError:
             return Result(Reply(550, "5.1.3", "this local part cannot name a mailbox"))
 
@@ -109,12 +146,9 @@ class LocalDeliverer:
         action = job.action
         results = []
         for claim, path in mailboxes:
+            address = claim.address.lstrip("\\")
             try:
-                name = maildir.deliver(
-                    path, job.path, return_path=job.message.sender,
-                    delivered_to=claim.address, hostname=self.config.hostname,
-                    folder=_folder(action, claim.address), quota=quota_of(action),
-                    owner=_owner(action.owner))
+                name = self._store(job, path, address, _folder(action, address))
             except maildir.MaildirError as exc:
                 reply = exc.reply
                 if reply.status == "4.2.2" and action.quota_hard:
@@ -125,7 +159,31 @@ class LocalDeliverer:
                                   target=f"maildir:{path}", final=True))
         return results
 
-    def _expanded(self, job: Delivery, claim: Claim, targets: list[str]) -> Result:
+    def _store(self, job: Delivery, path: str, address: str, folder: str) -> str:
+        """The message into the Maildir at ``path``, owned as the action says: by tayori
+        itself, or (root) chowned to the owner, or through the privileged helper."""
+        owner = _owner(job.action, address)
+        euid = os.geteuid()
+        if owner is None or euid == 0 or owner[0] == euid:
+            return maildir.deliver(
+                path, job.path, return_path=job.message.sender, delivered_to=address,
+                hostname=self.config.hostname, folder=folder, quota=quota_of(job.action),
+                owner=owner if euid == 0 else None)
+        try:
+            with open(job.path, "rb") as source:
+                return privileged.write_maildir(
+                    owner[0], path, source.fileno(), return_path=job.message.sender,
+                    delivered_to=address, hostname=self.config.hostname, folder=folder,
+                    quota=quota_of(job.action))
+        except FileNotFoundError:
+            raise maildir.MaildirError(Reply(451, "4.3.0", "Queued message file is "
+                                             "missing")) from None
+        except privileged.HelperUnavailable as exc:
+            raise maildir.MaildirError(Reply(451, "4.3.5", "cannot write a mailbox owned "
+                                             f"by uid {owner[0]}: {exc}")) from None
+
+    def _expanded(self, job: Delivery, claim: Claim, targets: list[str],
+                  owner: str = "") -> Result:
         """An alias: its targets become recipients of the message (queued now, routed
         like mail tayori writes itself); the alias itself is done ("expanded")."""
         orcpt = claim.orcpt or f"rfc822;{xtext_encode(claim.address)}"
@@ -142,7 +200,7 @@ class LocalDeliverer:
                                 reason="no match rule routes its domain")
                 continue
             records.append(RecipientRecord(target, action, orcpt, notify,
-                                           depth=claim.depth + 1))
+                                           depth=claim.depth + 1, owner=owner))
         if not records:
             return Result(Reply(550, "5.1.1", f"the alias {claim.address} leads nowhere"))
         return Result(Reply(250, "2.1.5", f"alias expanded into {len(records)} "
@@ -156,7 +214,7 @@ class LocalDeliverer:
             command=command or claim.address[1:], message_path=job.path,
             sender=job.message.sender, recipient=original or claim.address,
             original_recipient=original or claim.address, hostname=self.config.hostname,
-            user=job.action.run_as or None, timeout=job.action.timeout,
+            user=claim.owner or job.action.run_as or None, timeout=job.action.timeout,
             extension_delimiter=job.action.subaddress))
         return Result(reply, target="pipe", final=reply.is_positive)
 
@@ -171,7 +229,8 @@ class LocalDeliverer:
                 results.append(Result(Reply(550, "5.1.3", "this local part cannot name a "
                                             "mailbox")))
                 continue
-            results.append(await loop.run_in_executor(None, _to_mbox, path, job, claim))
+            results.append(await loop.run_in_executor(None, functools.partial(
+                _append, path, job, claim, delivered_to=claim.address, make_parents=True)))
         return results
 
     async def pipe_action(self, job: Delivery) -> list[Result]:
@@ -186,83 +245,53 @@ def _domain_of(address: str) -> str:
         return address.rpartition("@")[2].lower()
 
 
-def _to_file(path: str, job: Delivery, claim: Claim, delivered_to: str = "") -> Result:
-    """Append to an mbox file (an alias's ``/path`` target, or an ``mbox`` action's
-    mailbox): locked as mail readers expect (a ``.lock`` dot-lock file and an fcntl
-    lock, as Dovecot and mutt do), mboxrd quoting (``>From `` lines), fsync'd before the
-    result says delivered."""
-    quoted = re.compile(rb"^(>*From )", re.MULTILINE)
-    original = xtext_decode(claim.orcpt.split(";", 1)[1]) if claim.orcpt else claim.address
+def _append(path: str, job: Delivery, claim: Claim, *, delivered_to: str,
+            make_parents: bool = False) -> Result:
+    """Append to an mbox file (:mod:`tayori.deliver.mbox`): as tayori, or as the
+    ``.forward``'s owner through the privileged helper."""
+    account = _account(claim.owner) if claim.owner else None
     try:
         with open(job.path, "rb") as source:
-            body = source.read().replace(b"\r\n", b"\n")
-        stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime())
-        entry = (f"From {job.message.sender or 'MAILER-DAEMON'} {stamp}\n"
-                 f"Return-Path: <{job.message.sender}>\n"
-                 f"Delivered-To: {delivered_to or original}\n").encode()
-        entry += quoted.sub(rb">\1", body).rstrip(b"\n") + b"\n\n"
-        with _dot_lock(path):
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX)
-                view = memoryview(entry)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if account is None or account.pw_uid == os.geteuid():
+                mbox.append(path, source.fileno(), sender=job.message.sender,
+                            delivered_to=delivered_to, make_parents=make_parents)
+                refused = None
+            else:
+                refused = privileged.append_file(
+                    account.pw_uid, path, source.fileno(), sender=job.message.sender,
+                    delivered_to=delivered_to, make_parents=make_parents)
     except OSError as exc:
-        return Result(Reply(451, "4.2.0", f"cannot append to {path}: {exc.strerror}"),
-                      target=f"file:{path}")
+        refused = Reply(451, "4.2.0", f"cannot append to {path}: {exc.strerror or exc}")
+    except privileged.HelperUnavailable as exc:
+        refused = Reply(451, "4.3.5", f"cannot append to {path} as {claim.owner}: {exc}")
+    if refused is not None:
+        return Result(refused, target=f"file:{path}")
     return Result(Reply(250, "2.0.0", f"appended to {path}"), target=f"file:{path}",
                   final=True)
 
 
-def _to_mbox(path: str, job: Delivery, claim: Claim) -> Result:
-    """An ``mbox`` action's delivery: its directory made if missing (0700), as for
-    Maildirs; then :func:`_to_file`."""
+def _account(user: str) -> pwd.struct_passwd | None:
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    except OSError as exc:
-        return Result(Reply(451, "4.2.0", f"cannot make the directory of {path}: "
-                            f"{exc.strerror}"), target=f"file:{path}")
-    return _to_file(path, job, claim, claim.address)
-
-
-@contextlib.contextmanager
-def _dot_lock(path: str, wait: float = 30.0, stale: float = 300.0) -> Iterator[None]:
-    """``path.lock``, created exclusively; one older than ``stale`` seconds is a crashed
-    writer's and is taken over. Raises OSError (EAGAIN) after ``wait`` seconds."""
-    lock = path + ".lock"
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            break
-        except FileExistsError:
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - os.stat(lock).st_mtime > stale:
-                    os.unlink(lock)
-                    continue
-            if time.monotonic() > deadline:
-                raise OSError(errno.EAGAIN, "the mailbox stays locked") from None
-            time.sleep(0.05)   # on a worker thread: another writer holds the lock
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-
-
-def _owner(user: str) -> tuple[int, int] | None:
-    if not user:
-        return None
-    try:
-        entry = pwd.getpwnam(user)
+        return pwd.getpwnam(user)
     except KeyError:
-        raise maildir.MaildirError(Reply(451, "4.3.5", f"the mailbox owner {user!r} is no "
-                                         "user of this system (actions.*.owner)")) from None
-    return entry.pw_uid, entry.pw_gid
+        return None
+
+
+def _owner(action: ActionConfig, address: str) -> tuple[int, int] | None:
+    """The (uid, gid) that owns the recipient's Maildir; None: whoever tayori runs as."""
+    if not action.owner:
+        return None
+    if action.owner == OWNER_RECIPIENT:
+        account = system_account(address, action.subaddress)
+        if account is None:
+            raise maildir.MaildirError(Reply(550, "5.1.1", "no such system account"))
+    else:
+        account = _account(action.owner)
+        if account is None:
+            raise maildir.MaildirError(Reply(451, "4.3.5", f"the mailbox owner "
+                                             f"{action.owner!r} is no user of this system "
+                                             "(actions.*.owner)"))
+    return account.pw_uid, account.pw_gid
 
 
 def _folder(action: ActionConfig, address: str) -> str:

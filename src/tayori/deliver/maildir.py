@@ -189,10 +189,6 @@ def deliver(mailbox: str, message_path: str, *, return_path: str, delivered_to: 
     (nothing delivered), ValueError for arguments no caller should pass (a line break in
     an address or the host name, a folder name :func:`valid_folder` refuses).
     """
-    header = _trace_header(return_path, delivered_to)
-    if folder and not valid_folder(folder):
-        raise ValueError(f"invalid Maildir folder name: {folder!r}")
-    host = _escape_host(hostname)
     try:
         source = os.open(message_path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -200,14 +196,29 @@ def deliver(mailbox: str, message_path: str, *, return_path: str, delivered_to: 
     except OSError as exc:
         raise MaildirError(Reply(451, "4.3.0", "Cannot read the queued message: "
                                  f"{_strerror(exc)}")) from None
+    try:
+        return deliver_from(mailbox, source, return_path=return_path,
+                            delivered_to=delivered_to, hostname=hostname, folder=folder,
+                            owner=owner, quota=quota)
+    finally:
+        os.close(source)
+
+
+def deliver_from(mailbox: str, source: int, *, return_path: str, delivered_to: str,
+                 hostname: str, folder: str = "", owner: tuple[int, int] | None = None,
+                 quota: Quota | None = None) -> str:
+    """:func:`deliver` from an open descriptor of the message (read with ``pread``, from
+    offset 0; the caller closes it): what the privileged helper is handed."""
+    header = _trace_header(return_path, delivered_to)
+    if folder and not valid_folder(folder):
+        raise ValueError(f"invalid Maildir folder name: {folder!r}")
+    host = _escape_host(hostname)
     root = os.path.abspath(mailbox)
     try:
         with _Target.open(root, folder, owner) as target:
             return target.store(header, source, host, owner, quota)
     except OSError as exc:
         raise MaildirError(_reply_for(exc, root)) from None
-    finally:
-        os.close(source)
 
 
 # --- the mailbox's directories ------------------------------------------------------------
@@ -444,14 +455,16 @@ def _copy(fd: int, header: bytes, source: int) -> tuple[int, int]:
         after_cr = data.endswith(b"\r")
 
     put(header)
+    offset = 0
     while True:
         try:
-            chunk = os.read(source, CHUNK)
+            chunk = os.pread(source, CHUNK, offset)
         except OSError as exc:
             raise MaildirError(Reply(451, "4.3.0", "Cannot read the queued message: "
                                      f"{_strerror(exc)}")) from None
         if not chunk:
             break
+        offset += len(chunk)
         data = pending + chunk if pending else chunk
         # A CR at the end may be the first half of a CRLF split between two reads.
         pending = b"\r" if data.endswith(b"\r") else b""

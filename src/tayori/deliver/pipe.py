@@ -25,9 +25,11 @@ Promises:
   ``extension_delimiter``, the first one in the local part that is not its first
   character counts).
 - With ``user``, the program runs as that system user: its uid, its primary gid and the
-  groups it belongs to (``initgroups``), set by :mod:`subprocess` in the child, no
-  ``preexec_fn``. Only root can do that; a tayori that is not root can run a program as
-  ``user`` only when that is its own user. Without ``user`` the program runs as tayori
+  groups it belongs to (``initgroups``), set in the child by the trampoline
+  :mod:`tayori.deliver.runas`. Only root can do that; a tayori that dropped its
+  privileges to ``user`` after starting as root has the trampoline ask the privileged
+  helper (:mod:`tayori.deliver.privileged`), and one that never was root runs a program
+  as ``user`` only when that is its own user. Without ``user`` the program runs as tayori
   does: which user a ``|command`` from whose alias file runs as (never root for a user's
   own aliases) is the caller's policy.
 - Standard input is ``Return-Path: <sender>`` and ``Delivered-To: recipient`` (the
@@ -117,12 +119,13 @@ import pwd
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
-from tayori.deliver import maildir
+from tayori.deliver import maildir, privileged
 from tayori.errors import Reply
 
 CHUNK = maildir.CHUNK
@@ -259,8 +262,10 @@ def _prepare(request: PipeRequest) -> _Setup:
             uid, gid = entry.pw_uid, entry.pw_gid
             groups = os.getgrouplist(name, gid)
         elif entry.pw_uid != euid:
-            raise _Refused(Reply(451, "4.3.5", f"cannot run a command as {name}: "
-                                 "tayori is not running as root"))
+            if privileged.available() is None:
+                raise _Refused(Reply(451, "4.3.5", f"cannot run a command as {name}: "
+                                     "tayori was not started as root"))
+            uid, gid = entry.pw_uid, entry.pw_gid   # the trampoline asks the helper
     local, _, domain = request.recipient.rpartition("@")
     if not local:
         local, domain = request.recipient, ""
@@ -335,6 +340,109 @@ class _SpoolError(Exception):
     pass
 
 
+class _Process(Protocol):
+    """What :class:`_Run` uses of the running program (a subprocess transport)."""
+
+    def get_pid(self) -> int: ...
+
+    def get_pipe_transport(self, fd: int) -> asyncio.BaseTransport | None: ...
+
+    def get_returncode(self) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
+class _HelperProcess:
+    """A program the privileged helper runs as its user: our ends of its standard input
+    and output pipes, and the connection that brings its wait status. Killing it is
+    hanging up: the helper then kills the program's process group."""
+
+    def __init__(self, conn: socket.socket, stdin: asyncio.BaseTransport,
+                 output: asyncio.BaseTransport) -> None:
+        self.conn, self.stdin, self.output = conn, stdin, output
+        self.returncode: int | None = None
+        self.waiter: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def start(cls, address: str, protocol: _Protocol, request: bytes) -> _HelperProcess:
+        loop = asyncio.get_running_loop()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        conn.setblocking(False)
+        stdin_read, stdin_write = os.pipe()
+        output_read, output_write = os.pipe()
+        try:
+            await loop.sock_connect(conn, address)
+            socket.send_fds(conn, [request], [stdin_read, output_write, output_write])
+        except OSError:
+            conn.close()
+            os.close(stdin_write)
+            os.close(output_read)
+            raise
+        finally:
+            os.close(stdin_read)
+            os.close(output_write)
+        stdin, _ = await loop.connect_write_pipe(lambda: _StdinSide(protocol),
+                                                 os.fdopen(stdin_write, "wb", 0))
+        output, _ = await loop.connect_read_pipe(lambda: _OutputSide(protocol),
+                                                 os.fdopen(output_read, "rb", 0))
+        process = cls(conn, stdin, output)
+        process.waiter = asyncio.create_task(process._wait(protocol))
+        return process
+
+    async def _wait(self, protocol: _Protocol) -> None:
+        with contextlib.suppress(OSError):
+            answer = await asyncio.get_running_loop().sock_recv(self.conn, 4096)
+            status = privileged.exec_status(answer)
+            if status is not None:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        protocol.process_exited()
+
+    def get_pid(self) -> int:
+        return 0
+
+    def get_pipe_transport(self, fd: int) -> asyncio.BaseTransport | None:
+        return self.stdin if fd == 0 else None
+
+    def get_returncode(self) -> int | None:
+        return self.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        if self.waiter is not None:
+            self.waiter.cancel()
+        self.stdin.close()
+        self.output.close()
+        self.conn.close()
+
+
+class _StdinSide(asyncio.Protocol):
+    def __init__(self, protocol: _Protocol) -> None:
+        self.protocol = protocol
+
+    def pause_writing(self) -> None:
+        self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.protocol.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.pipe_connection_lost(0, exc)
+
+
+class _OutputSide(asyncio.Protocol):
+    def __init__(self, protocol: _Protocol) -> None:
+        self.protocol = protocol
+
+    def data_received(self, data: bytes) -> None:
+        self.protocol.pipe_data_received(1, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.connection_lost(exc)
+
+
 class _Run:
     def __init__(self, request: PipeRequest, argv: list[str], header: bytes,
                  setup: _Setup) -> None:
@@ -343,6 +451,7 @@ class _Run:
         self.header = header
         self.setup = setup
         self.pid = 0
+        self.process: _Process | None = None
 
     def _trampoline(self) -> list[str]:
         """The command behind :mod:`tayori.deliver.runas`, which sets the user and the
@@ -353,15 +462,26 @@ class _Run:
                 "" if setup.gid is None else str(setup.gid),
                 ",".join(str(g) for g in setup.groups or ()), f"{UMASK:o}", "--", *self.argv]
 
+    async def _start(self, protocol: _Protocol) -> _Process:
+        """The program started: by the trampoline, as our child; or, for another user
+        when tayori dropped its privileges, by the privileged helper."""
+        helper = privileged.available()
+        uid = self.setup.uid
+        if helper is not None and uid is not None and os.geteuid() != 0:
+            return await _HelperProcess.start(helper, protocol, privileged.exec_request(
+                uid, self.argv, env=self.setup.env, cwd=self.setup.cwd, umask=UMASK))
+        transport, _ = await asyncio.get_running_loop().subprocess_exec(
+            lambda: protocol, *self._trampoline(), stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**self.setup.env, "PYTHONCOERCECLOCALE": "0"},   # see deliver.runas
+            cwd=self.setup.cwd, start_new_session=True)
+        return transport
+
     async def run(self) -> Reply:
         loop = asyncio.get_running_loop()
         protocol = _Protocol(loop)
         try:
-            transport, _ = await loop.subprocess_exec(
-                lambda: protocol, *self._trampoline(), stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env={**self.setup.env, "PYTHONCOERCECLOCALE": "0"},   # see deliver.runas
-                cwd=self.setup.cwd, start_new_session=True)
+            transport = self.process = await self._start(protocol)
         except OSError as exc:
             return self._not_started(exc)
         self.pid = transport.get_pid()
@@ -393,8 +513,7 @@ class _Run:
             return _reply("4.3.0", "command outcome unknown", output)
         return _judge(status, output)
 
-    async def _feed(self, transport: asyncio.SubprocessTransport,
-                    protocol: _Protocol) -> None:
+    async def _feed(self, transport: _Process, protocol: _Protocol) -> None:
         """Write the header and the message to standard input, then close it. Returns
         early when the program closes it; raises :class:`_SpoolError` (the process
         group killed) when the spool file cannot be read."""
@@ -446,7 +565,9 @@ class _Run:
         await asyncio.wait({protocol.exited}, timeout=KILL_WAIT)
 
     def _kill_group(self) -> None:
-        if self.pid:
+        if isinstance(self.process, _HelperProcess):
+            self.process.kill()
+        elif self.pid:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, signal.SIGKILL)
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from tayori.queue import wakeup
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
@@ -78,6 +78,9 @@ CREATE TABLE IF NOT EXISTS recipients (
     remote_mta TEXT,         -- the host that gave last_reply
     warned INTEGER NOT NULL DEFAULT 0,   -- a delay DSN was sent
     depth INTEGER NOT NULL DEFAULT 0,    -- alias expansions that led to this recipient
+    -- the system user whose .forward made this recipient: a |command or /file runs as
+    -- that user, and the user's own address is not expanded again ("\\user")
+    owner TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (message, idx)
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt);
@@ -110,6 +113,7 @@ class RecipientRecord:
     notify: tuple[str, ...] | None = None
     state: str = "queued"
     depth: int = 0            # alias expansions that led here (0: as received)
+    owner: str = ""           # the system user whose .forward led here
     # delivery progress, as the index has it (not part of what was received)
     attempts: int = field(default=0, compare=False)
     next_attempt: float | None = field(default=None, compare=False)
@@ -338,9 +342,10 @@ class Spool:
 
 
 
-_ADDED_COLUMNS = {  # version 2: delivery results per recipient, alias depth
+_ADDED_COLUMNS = {  # version 2: delivery results per recipient, alias depth; 3: owner
     "last_attempt": "REAL", "status": "TEXT", "remote_mta": "TEXT",
-    "warned": "INTEGER NOT NULL DEFAULT 0", "depth": "INTEGER NOT NULL DEFAULT 0"}
+    "warned": "INTEGER NOT NULL DEFAULT 0", "depth": "INTEGER NOT NULL DEFAULT 0",
+    "owner": "TEXT NOT NULL DEFAULT ''"}
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -480,9 +485,9 @@ def insert_recipients(db: sqlite3.Connection, queue_id: str, first: int,
                       recipients: Iterable[RecipientRecord], due: float) -> None:
     db.executemany(
         "INSERT INTO recipients (message, idx, address, orcpt, notify, action, state, "
-        "next_attempt, depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "next_attempt, depth, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(queue_id, first + i, r.address, r.orcpt, ",".join(r.notify) if r.notify else None,
-          r.action, r.state, due, r.depth) for i, r in enumerate(recipients)])
+          r.action, r.state, due, r.depth, r.owner) for i, r in enumerate(recipients)])
 
 
 def _insert(db: sqlite3.Connection, env: Envelope) -> None:
@@ -521,7 +526,8 @@ def read_envelopes(spool_dir: str, queue_id: str | None = None) -> Iterator[Enve
             recipients = tuple(
                 RecipientRecord(r["address"], r["action"], r["orcpt"],
                                 tuple(r["notify"].split(",")) if r["notify"] else None,
-                                r["state"], depth=r["depth"], attempts=r["attempts"],
+                                r["state"], depth=r["depth"], owner=r["owner"],
+                                attempts=r["attempts"],
                                 next_attempt=r["next_attempt"], last_reply=r["last_reply"])
                 for r in db.execute("SELECT * FROM recipients WHERE message = ? ORDER BY idx",
                                     (row["id"],)))

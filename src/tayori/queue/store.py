@@ -72,6 +72,7 @@ class Claim:
     last_status: str | None
     remote_mta: str | None
     depth: int = 0          # alias expansions that led to this recipient
+    owner: str = ""         # the system user whose .forward made it (spool.SCHEMA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,4 +272,5 @@ def _claim(row: sqlite3.Row, messages: dict[str, QueuedMessage]) -> Claim:
     return Claim(message, row["idx"], row["address"], row["orcpt"],
                  tuple(row["notify"].split(",")) if row["notify"] else None, row["action"],
                  row["attempts"], bool(row["warned"]), row["state"] == "cancelled",
-                 row["last_reply"], row["status"], row["remote_mta"], row["depth"])
+                 row["last_reply"], row["status"], row["remote_mta"], row["depth"],
+                 row["owner"])

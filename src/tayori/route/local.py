@@ -10,11 +10,14 @@ Promises:
 - :meth:`LocalRecipients.known` says whether a recipient exists, so that an unknown one
   is refused at RCPT (``550 5.1.1``) instead of bounced later (DESIGN §2.5). Local parts
   compare case-insensitively; ``user+tag`` is ``user`` (delimiter ``subaddress``);
-  ``postmaster`` always exists (RFC 5321 §4.5.1). An action without ``users`` and
-  ``aliases`` accepts every local part (the embedded default's behaviour).
+  ``postmaster`` always exists (RFC 5321 §4.5.1). With ``owner = "recipient"`` every
+  system account but root exists too. An action without ``users``, ``aliases`` and
+  that ``owner`` accepts every local part (the embedded default's behaviour).
 - :meth:`LocalRecipients.expand` returns the final targets of an alias (None for a
   plain mailbox): names are expanded recursively, ``:include:`` files read, duplicates
   dropped; a loop or more than :data:`MAX_DEPTH` levels raises :class:`AliasLoop`.
+  A ``\\name`` target comes back as ``\\name@domain``: that mailbox, never expanded
+  again (``root: \\root, admin`` keeps a copy without looping).
 - Table files (users, aliases) are read again when their modification time changes.
 - ``postmaster`` without a mailbox or alias of its own goes to ``queue.postmaster``.
 Failure policy: an unreadable table at run time keeps the last good copy and is logged.
@@ -36,10 +39,14 @@ from typing import Protocol
 from tayori import maillog
 from tayori.address import AddressError, parse_mailbox
 from tayori.config import Config
+from tayori.config.model import ActionConfig
 from tayori.deliver.maildir import usage
 from tayori.route.aliases import AliasError, parse_aliases, split_targets, target_text
+from tayori.route.forward import system_account
 
 MAX_DEPTH = 20
+OWNER_RECIPIENT = "recipient"
+"""``owner`` value: each mailbox belongs to the system account its local part names."""
 
 _SAFE_LOCAL = re.compile(r"[^/\x00]+\Z")
 
@@ -165,8 +172,7 @@ class LocalRecipients:
 
     def known(self, action_name: str, address: str) -> bool:
         action = self.config.actions.get(action_name)
-        if action is None or action.deliver != "maildir" or not (action.users or
-                                                                  action.aliases):
+        if action is None or action.deliver != "maildir" or not _checks_recipients(action):
             return True
         local, domain = self._split(action_name, address)
         return bool(action.catch_all) or self._exists(action_name, local, domain)
@@ -177,6 +183,9 @@ class LocalRecipients:
     def _listed(self, action_name: str, local: str, domain: str) -> bool:
         if _alias_key(self._aliases(action_name), local, domain) is not None:
             return True
+        if self.config.actions[action_name].owner == OWNER_RECIPIENT and \
+                system_account(local, "") is not None:
+            return True
         users = self._users(action_name)
         return local in users or f"{local}@{domain}" in users
 
@@ -185,7 +194,7 @@ class LocalRecipients:
         (unless a user or alias) to ``queue.postmaster`` when set; an unknown local part
         to the action's ``catch_all``. None: the recipient's own mailbox."""
         action = self.config.actions.get(action_name)
-        if action is None or not (action.users or action.aliases):
+        if action is None or not _checks_recipients(action):
             return None
         local, domain = self._split(action_name, address)
         postmaster = self.config.queue.postmaster
@@ -241,8 +250,10 @@ class LocalRecipients:
         if target.startswith(("|", "/")) or "@" in target:
             out.append(target)
             return
-        name = target.lstrip("\\").lower()   # \name: the mailbox itself, no further alias
-        if name in aliases and not target.startswith("\\"):
+        name = target.lstrip("\\").lower()
+        if target.startswith("\\"):   # \name: the mailbox itself, never expanded again
+            out.append(f"\\{name}@{domain}")
+        elif name in aliases:
             self._expand(aliases, name, domain, chain, out)
         else:
             out.append(f"{name}@{domain}")
@@ -300,3 +311,8 @@ class LocalRecipients:
         if source is None:
             source = self._files[table.path] = _AliasFile(table.path)
         return source.current()
+
+
+def _checks_recipients(action: ActionConfig) -> bool:
+    """Whether the action knows its recipients (else it takes every local part)."""
+    return bool(action.users or action.aliases or action.owner == OWNER_RECIPIENT)
