@@ -1,0 +1,257 @@
+"""tayori.policy.ratelimit: token buckets and the login ban, on a fake clock."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from tayori.maillog import TextFormatter
+from tayori.policy.ratelimit import (
+    Allowed,
+    Denied,
+    LoginGuard,
+    TokenBuckets,
+    auth_ban_fields,
+    auth_failure_fields,
+    ban_reply,
+    client_network,
+    rate_limited,
+)
+
+T0 = 5000.0
+HOUR = 3600.0
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ip", "key"), [
+    ("192.0.2.1", "192.0.2.1"),
+    ("::ffff:192.0.2.1", "192.0.2.1"),
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("2001:DB8::1", "2001:db8::/64"),
+])
+def test_client_network_defaults(ip: str, key: str) -> None:
+    assert client_network(ip) == key
+
+
+def test_client_network_prefixes() -> None:
+    assert client_network("192.0.2.77", 24) == "192.0.2.0/24"
+    assert client_network("2001:db8::1", 32, 48) == "2001:db8::/48"
+    assert client_network("2001:db8::1", 32, 128) == "2001:db8::1"
+    with pytest.raises(ValueError):
+        client_network("192.0.2")
+
+
+# --- token buckets --------------------------------------------------------------------------------
+
+
+def test_a_burst_then_a_wait_then_a_refill() -> None:
+    buckets = TokenBuckets(3, HOUR)  # "3/1h"
+    for left in (2, 1, 0):
+        assert buckets.take("alice@example.org", 1, T0) == Allowed(left)
+    denied = buckets.take("alice@example.org", 1, T0)
+    assert denied == Denied(1200.0)  # one token per 20 minutes
+    assert buckets.take("alice@example.org", 1, T0 + 1199) == Denied(pytest.approx(1.0))
+    assert isinstance(buckets.take("alice@example.org", 1, T0 + 1200), Allowed)
+    assert isinstance(buckets.take("alice@example.org", 1, T0 + 1200), Denied)
+
+
+def test_a_denial_takes_nothing() -> None:
+    buckets = TokenBuckets(2, 60)
+    buckets.take("k", 2, T0)
+    for _ in range(5):
+        assert isinstance(buckets.take("k", 1, T0 + 10), Denied)
+    assert buckets.level("k", T0 + 30) == pytest.approx(1.0)
+    assert isinstance(buckets.take("k", 1, T0 + 30), Allowed)
+
+
+def test_keys_are_independent_and_never_overfill() -> None:
+    buckets = TokenBuckets(2, 60)
+    buckets.take("a", 2, T0)
+    assert buckets.take("b", 2, T0) == Allowed(0)
+    assert buckets.level("a", T0 + 10 * HOUR) == 2.0
+    assert buckets.level("never-seen", T0) == 2.0
+
+
+def test_burst_can_differ_from_the_rate() -> None:
+    buckets = TokenBuckets(60, 60, burst=5)  # one per second, five at once
+    assert buckets.take("k", 5, T0) == Allowed(0)
+    assert buckets.take("k", 1, T0) == Denied(1.0)
+    assert buckets.take("k", 3, T0 + 3) == Allowed(0)
+
+
+def test_more_than_the_burst_is_taken_from_a_full_bucket_into_debt() -> None:
+    buckets = TokenBuckets(10, 100)  # 0.1 token/s
+    assert buckets.take("k", 25, T0) == Allowed(-15)
+    assert buckets.take("k", 1, T0) == Denied(pytest.approx(160.0))
+    assert isinstance(buckets.take("k", 25, T0 + 240), Denied)   # 9 tokens: not full yet
+    assert buckets.take("k", 25, T0 + 250) == Allowed(pytest.approx(-15))
+
+
+def test_memory_is_bounded_by_forgetting_the_least_recently_used() -> None:
+    buckets = TokenBuckets(1, HOUR, max_keys=2)
+    buckets.take("a", 1, T0)
+    buckets.take("b", 1, T0)
+    buckets.take("a", 0, T0)      # a is used again: b is now the oldest
+    buckets.take("c", 1, T0)
+    assert len(buckets) == 2
+    assert isinstance(buckets.take("a", 1, T0), Denied)
+    assert isinstance(buckets.take("b", 1, T0), Allowed)  # forgotten, so full again
+
+
+def test_sweep_forgets_only_the_full_buckets() -> None:
+    buckets = TokenBuckets(2, 60)
+    buckets.take("old", 1, T0)
+    buckets.take("busy", 2, T0 + 50)
+    assert buckets.sweep(T0 + 60) == 1
+    assert len(buckets) == 1 and buckets.level("busy", T0 + 60) < 2
+
+
+def test_a_clock_stepping_back_refills_nothing() -> None:
+    buckets = TokenBuckets(1, 60)
+    buckets.take("k", 1, T0)
+    assert isinstance(buckets.take("k", 1, T0 - 1000), Denied)
+    assert isinstance(buckets.take("k", 1, T0 + 60), Allowed)
+
+
+def test_nonsense_rates_are_refused() -> None:
+    for args in ((0, 60), (1, 0), (-1, 60)):
+        with pytest.raises(ValueError):
+            TokenBuckets(*args)
+    with pytest.raises(ValueError):
+        TokenBuckets(1, 60, burst=0)
+    with pytest.raises(ValueError):
+        TokenBuckets(1, 60).take("k", -1, T0)
+
+
+def test_the_rate_limit_reply() -> None:
+    reply = rate_limited("messages from <alice@example.org>", Denied(1199.2))
+    assert reply.to_bytes() == (b"450 4.7.1 Too many messages from <alice@example.org>, "
+                                b"try again in 1200 seconds\r\n")
+    assert "in 1 seconds" in str(rate_limited("recipients", Denied(0.01)))
+
+
+# --- the login guard ------------------------------------------------------------------------
+
+
+def test_the_nth_failure_in_the_window_bans() -> None:
+    guard = LoginGuard(max_failures=3, window=600, ban_time=HOUR)
+    assert guard.record_failure("192.0.2.1", T0) is False
+    assert guard.record_failure("192.0.2.1", T0 + 10) is False
+    assert guard.failures("192.0.2.1", T0 + 10) == 2
+    assert not guard.is_banned("192.0.2.1", T0 + 10)
+    assert guard.record_failure("192.0.2.1", T0 + 20) is True
+    assert guard.is_banned("192.0.2.1", T0 + 20)
+    assert guard.ban_remaining("192.0.2.1", T0 + 20) == HOUR
+    assert not guard.is_banned("192.0.2.2", T0 + 20)
+
+
+def test_a_ban_ends_after_ban_time() -> None:
+    guard = LoginGuard(max_failures=1, window=600, ban_time=HOUR)
+    assert guard.record_failure("192.0.2.1", T0)
+    assert guard.is_banned("192.0.2.1", T0 + HOUR - 1)
+    assert not guard.is_banned("192.0.2.1", T0 + HOUR)
+    assert guard.failures("192.0.2.1", T0 + HOUR) == 0  # the slate is clean
+    assert guard.record_failure("192.0.2.1", T0 + HOUR)  # and a new ban can start
+
+
+def test_the_window_slides() -> None:
+    guard = LoginGuard(max_failures=3, window=600, ban_time=HOUR)
+    guard.record_failure("192.0.2.1", T0)
+    guard.record_failure("192.0.2.1", T0 + 300)
+    assert guard.record_failure("192.0.2.1", T0 + 600) is False  # the first has left
+    assert guard.failures("192.0.2.1", T0 + 600) == 2
+    assert guard.record_failure("192.0.2.1", T0 + 700) is True
+
+
+def test_failures_during_a_ban_are_not_counted_again() -> None:
+    guard = LoginGuard(max_failures=2, window=600, ban_time=100)
+    guard.record_failure("192.0.2.1", T0)
+    assert guard.record_failure("192.0.2.1", T0 + 1)
+    assert guard.record_failure("192.0.2.1", T0 + 2) is False
+    assert guard.ban_remaining("192.0.2.1", T0 + 2) == 99
+
+
+def test_a_success_clears_failures_but_not_a_ban() -> None:
+    guard = LoginGuard(max_failures=2, window=600, ban_time=HOUR)
+    guard.record_failure("192.0.2.1", T0)
+    guard.record_success("192.0.2.1")
+    assert guard.record_failure("192.0.2.1", T0 + 1) is False
+    assert guard.record_failure("192.0.2.1", T0 + 2) is True
+    guard.record_success("192.0.2.1")
+    assert guard.is_banned("192.0.2.1", T0 + 3)
+
+
+def test_ipv6_clients_are_banned_by_their_slash_64() -> None:
+    guard = LoginGuard(max_failures=2, window=600, ban_time=HOUR)
+    guard.record_failure("2001:db8::1", T0)
+    assert guard.record_failure("2001:db8::2", T0 + 1)
+    assert guard.is_banned("2001:db8::ffff:1", T0 + 2)
+    assert not guard.is_banned("2001:db8:0:1::1", T0 + 2)
+    assert guard.key("2001:db8::1") == "2001:db8::/64"
+
+
+def test_ipv6_prefix_is_configurable() -> None:
+    guard = LoginGuard(max_failures=1, ipv6_prefix=128)
+    assert guard.record_failure("2001:db8::1", T0)
+    assert not guard.is_banned("2001:db8::2", T0)
+
+
+def test_the_guard_remembers_a_bounded_number_of_clients() -> None:
+    guard = LoginGuard(max_failures=2, window=600, ban_time=HOUR, max_keys=2)
+    for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+        guard.record_failure(ip, T0)
+    assert guard.failures("192.0.2.1", T0) == 0  # forgotten
+    assert guard.failures("192.0.2.3", T0) == 1
+
+
+def test_nonsense_guard_settings_are_refused() -> None:
+    with pytest.raises(ValueError):
+        LoginGuard(max_failures=0)
+    with pytest.raises(ValueError):
+        LoginGuard(window=0)
+    with pytest.raises(ValueError):
+        LoginGuard(ban_time=-1)
+
+
+def test_the_ban_reply() -> None:
+    assert ban_reply(3599.5).to_bytes() == (b"421 4.7.0 Too many failed logins, try again "
+                                            b"in 3600 seconds\r\n")
+
+
+# --- the log lines fail2ban reads -------------------------------------------------------------
+
+FAILREGEX = r"^\S+ \S+ auth-(?:failure|ban) (?:session=\S+ )?client=\[<HOST>\]"
+
+
+def log_line(event: str, fields: dict[str, object]) -> str:
+    record = logging.LogRecord("tayori.mail", logging.WARNING, __file__, 1, event, None, None)
+    record.fields = fields
+    return TextFormatter().format(record)
+
+
+def host_of(line: str) -> str | None:
+    pattern = FAILREGEX.replace("<HOST>", r"(?P<host>[0-9a-fA-F.:]+)")
+    match = re.match(pattern, line)
+    return match.group("host") if match else None
+
+
+def test_failure_and_ban_lines_match_the_proposed_fail2ban_filter() -> None:
+    failure = log_line("auth-failure",
+                       {"session": "S7", **auth_failure_fields("192.0.2.1", "bob", "PLAIN", 3)})
+    assert failure.endswith("warning auth-failure session=S7 client=[192.0.2.1] login=bob "
+                            "mechanism=PLAIN failures=3")
+    assert host_of(failure) == "192.0.2.1"
+    ban = log_line("auth-ban", auth_ban_fields("2001:db8::1", 5, 3599.2))
+    assert ban.endswith("warning auth-ban client=[2001:db8::1] failures=5 ban=3600")
+    assert host_of(ban) == "2001:db8::1"
+
+
+def test_a_login_cannot_forge_the_banned_address() -> None:
+    forged = "x client=[198.51.100.7] "
+    line = log_line("auth-failure", auth_failure_fields("192.0.2.1", forged, "LOGIN", 1))
+    assert host_of(line) == "192.0.2.1"
+    assert "198.51.100.7" in line  # logged, but quoted where the filter does not look
