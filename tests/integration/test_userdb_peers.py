@@ -1,0 +1,296 @@
+"""The user directories against real servers, and tayori's hashes against other programs.
+
+- LDAP: a private OpenLDAP slapd from Debian (:class:`peers_auth.Slapd`) with a few
+  inetOrgPerson users: search (as a service account, or anonymously) + bind, filter
+  escaping against real entries, an ambiguous filter, StartTLS with the server's own CA,
+  and the server down.
+- Dovecot: a private Dovecot auth service (:class:`peers_auth.DovecotAuthServer`) over
+  its unix socket and TCP: good, wrong and unknown logins, a temporary passdb failure,
+  the server down; Dovecot verifies an argon2id hash made by tayori.
+- Hashes made by Dovecot's ``doveadm pw`` (SHA512-CRYPT, SHA256-CRYPT with rounds,
+  BLF-CRYPT, ARGON2I/ID) and by ``openssl passwd`` verify with tayori's own code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import string
+import subprocess
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from harness import which_peer
+from peers_auth import DovecotAuthServer, LdapUser, Slapd, doveadm_pw
+from tayori.policy.passwords import hash_password, sha_crypt, verify_password
+from tayori.policy.userdb import (
+    AuthOutcome,
+    AuthStatus,
+    DirectoryUnavailable,
+    may_send_as,
+)
+from tayori.policy.userdb_dovecot import DovecotAuth
+from tayori.policy.userdb_ldap import LdapSettings, LdapUsers
+
+pytestmark = pytest.mark.peer
+
+T = TypeVar("T")
+TEST_TIMEOUT = 30.0
+LDAP_TIMEOUT = 5.0
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coroutine, TEST_TIMEOUT))
+
+
+# --- LDAP ---------------------------------------------------------------------------
+
+LDAP_USERS = {
+    "alice": LdapUser("alice-pw", ("alice@example.test", "sales@example.test")),
+    "bob": LdapUser("bob pw ü", ("bob@example.test",)),
+    "a*b": LdapUser("star-pw"),
+    "nopass": LdapUser(None, ("nopass@example.test",)),
+    "twin": LdapUser("twin-pw"),
+}
+TWIN_IN_STAFF = """dn: uid=twin,ou=staff,dc=example,dc=test
+objectClass: inetOrgPerson
+uid: twin
+cn: twin
+sn: twin
+userPassword: twin-pw
+"""
+
+
+@pytest.fixture(scope="module")
+def slapd() -> Iterator[Slapd]:
+    with Slapd(LDAP_USERS, extra_ldif=TWIN_IN_STAFF) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def slapd_tls() -> Iterator[Slapd]:
+    with Slapd({"carol": LdapUser("carol-pw", ("carol@example.test",))}, tls=True,
+               anonymous_search=True) as server:
+        yield server
+
+
+def reader(slapd: Slapd, **changes: Any) -> LdapUsers:
+    """The directory as the service account sees it, with ``changes`` to its settings."""
+    settings = LdapSettings(slapd.url, slapd.suffix, bind_dn=slapd.reader_dn,
+                            bind_password=slapd.reader_password, timeout=LDAP_TIMEOUT)
+    return LdapUsers(dataclasses.replace(settings, **changes))
+
+
+def test_ldap_search_and_bind(slapd: Slapd) -> None:
+    users = reader(slapd)
+    assert run(users.authenticate("alice", "alice-pw")) == AuthOutcome.success("alice")
+    assert run(users.authenticate("bob", "bob pw ü")).ok
+    assert run(users.authenticate("a*b", "star-pw")).ok
+
+
+def test_ldap_unknown_user_and_wrong_password_look_the_same_and_both_bind(
+        slapd: Slapd, monkeypatch: pytest.MonkeyPatch) -> None:
+    users = reader(slapd)
+    binds: list[str] = []
+    real_bind = users._bind
+
+    def spy(dn: str, password: str) -> bool:
+        binds.append(dn)
+        return real_bind(dn, password)
+
+    monkeypatch.setattr(users, "_bind", spy)
+    wrong = run(users.authenticate("alice", "alice-PW"))
+    unknown = run(users.authenticate("mallory", "alice-pw"))
+    assert wrong.status is unknown.status is AuthStatus.BAD_CREDENTIALS
+    assert wrong.reply == unknown.reply
+    assert len(binds) == 2 and binds[0] == slapd.dn("alice")
+
+
+@pytest.mark.parametrize("login", [
+    "*", "a*", "alice)(uid=*", "*)(objectClass=*", "alice\\", "twin", "nopass",
+])
+def test_ldap_refuses_wildcards_injections_ambiguity_and_entries_without_a_password(
+        slapd: Slapd, login: str) -> None:
+    users = reader(slapd)
+    for password in ("alice-pw", "twin-pw", "star-pw", "x"):
+        outcome = run(users.authenticate(login, password))
+        assert outcome.status is AuthStatus.BAD_CREDENTIALS, (login, password, outcome)
+
+
+def test_ldap_an_empty_password_is_not_an_anonymous_bind(slapd: Slapd) -> None:
+    assert run(reader(slapd).authenticate("alice", "")).status is AuthStatus.BAD_CREDENTIALS
+
+
+def test_ldap_sender_addresses_from_the_mail_attribute(slapd: Slapd) -> None:
+    users = reader(slapd)
+    assert run(users.sender_addresses("alice")) == {"alice@example.test",
+                                                    "sales@example.test"}
+    assert run(may_send_as(users, "alice", "Sales+x@EXAMPLE.test"))
+    assert not run(may_send_as(users, "alice", "bob@example.test"))
+    assert run(users.sender_addresses("mallory")) == frozenset()
+
+
+def test_ldap_filter_with_user_and_domain(slapd: Slapd) -> None:
+    users = reader(slapd, filter="(&(objectClass=inetOrgPerson)(uid={user}))")
+    assert run(users.authenticate("alice@anything.test", "alice-pw")).ok
+
+
+def test_ldap_anonymous_search_denied_or_service_bind_refused_is_temporary(
+        slapd: Slapd) -> None:
+    anonymous = reader(slapd, bind_dn="", bind_password="")
+    outcome = run(anonymous.authenticate("alice", "alice-pw"))
+    assert outcome.status is AuthStatus.TEMPORARY and "noSuchObject" in outcome.reason
+    refused = reader(slapd, bind_password="wrong")
+    outcome = run(refused.authenticate("alice", "alice-pw"))
+    assert outcome.status is AuthStatus.TEMPORARY and "service bind" in outcome.reason
+    with pytest.raises(DirectoryUnavailable):
+        run(refused.sender_addresses("alice"))
+
+
+def test_ldap_many_at_once(slapd: Slapd) -> None:
+    users = reader(slapd)
+
+    async def main() -> list[AuthOutcome]:
+        return await asyncio.gather(*(users.authenticate("alice", "alice-pw" if n % 2 else "x")
+                                      for n in range(20)))
+
+    outcomes = run(main())
+    assert [o.ok for o in outcomes] == [n % 2 == 1 for n in range(20)]
+
+
+def test_ldap_starttls_with_the_servers_ca(slapd_tls: Slapd) -> None:
+    settings = LdapSettings(slapd_tls.url, slapd_tls.suffix, start_tls=True,
+                            ca_file=str(slapd_tls.ca_path), timeout=LDAP_TIMEOUT)
+    users = LdapUsers(settings)
+    assert run(users.authenticate("carol", "carol-pw")).ok
+    assert run(users.authenticate("carol", "wrong")).status is AuthStatus.BAD_CREDENTIALS
+    assert run(users.sender_addresses("carol")) == {"carol@example.test"}
+
+
+def test_ldap_starttls_with_an_untrusted_certificate_is_temporary(slapd_tls: Slapd) -> None:
+    settings = LdapSettings(slapd_tls.url, slapd_tls.suffix, start_tls=True,
+                            timeout=LDAP_TIMEOUT)
+    outcome = run(LdapUsers(settings).authenticate("carol", "carol-pw"))
+    assert outcome.status is AuthStatus.TEMPORARY
+    assert "CERTIFICATE_VERIFY_FAILED" in outcome.reason
+
+
+def test_ldap_server_down_is_temporary() -> None:
+    server = Slapd({"dora": LdapUser("dora-pw")}, anonymous_search=True).start()
+    settings = LdapSettings(server.url, server.suffix, timeout=LDAP_TIMEOUT)
+    users = LdapUsers(settings)
+    try:
+        assert run(users.authenticate("dora", "dora-pw")).ok
+    finally:
+        server.stop()
+    outcome = run(users.authenticate("dora", "dora-pw"))
+    assert outcome.status is AuthStatus.TEMPORARY
+    with pytest.raises(DirectoryUnavailable):
+        run(users.sender_addresses("dora"))
+
+
+# --- Dovecot ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dovecot() -> Iterator[DovecotAuthServer]:
+    users = {
+        "carol@dove.test": doveadm_pw("SHA512-CRYPT", "carol-pw"),
+        "dave@dove.test": hash_password("dave-pw"),
+        "erin@dove.test": doveadm_pw("BLF-CRYPT", "erin pw ü"),
+    }
+    with DovecotAuthServer(users) as server:
+        yield server
+
+
+@pytest.mark.parametrize("over", ["unix", "tcp"])
+def test_dovecot_auth(dovecot: DovecotAuthServer, over: str) -> None:
+    address = str(dovecot.socket_path) if over == "unix" else dovecot.address
+    directory = DovecotAuth(address, timeout=10)
+    assert run(directory.authenticate("carol@dove.test", "carol-pw")) == AuthOutcome.success(
+        "carol@dove.test")
+    assert run(directory.authenticate("erin@dove.test", "erin pw ü")).ok
+    wrong = run(directory.authenticate("carol@dove.test", "dave-pw"))
+    unknown = run(directory.authenticate("mallory@dove.test", "carol-pw"))
+    assert wrong.status is unknown.status is AuthStatus.BAD_CREDENTIALS
+    assert wrong.reply == unknown.reply
+
+
+def test_dovecot_verifies_an_argon2id_hash_made_by_tayori(dovecot: DovecotAuthServer) -> None:
+    directory = DovecotAuth(str(dovecot.socket_path), timeout=10)
+    assert run(directory.authenticate("dave@dove.test", "dave-pw")).ok
+    assert not run(directory.authenticate("dave@dove.test", "dave-PW")).ok
+
+
+def test_dovecot_many_at_once(dovecot: DovecotAuthServer) -> None:
+    directory = DovecotAuth(str(dovecot.socket_path), timeout=10)
+
+    async def main() -> list[AuthOutcome]:
+        return await asyncio.gather(*(directory.authenticate("carol@dove.test", "carol-pw")
+                                      for _ in range(20)))
+
+    assert all(outcome.ok for outcome in run(main()))
+
+
+def test_dovecot_temporary_passdb_failure() -> None:
+    with DovecotAuthServer({}, tempfail=True) as server:
+        outcome = run(DovecotAuth(server.address, timeout=10).authenticate("x@dove.test", "pw"))
+    assert outcome.status is AuthStatus.TEMPORARY
+
+
+def test_dovecot_down_is_temporary() -> None:
+    server = DovecotAuthServer({"f@dove.test": doveadm_pw("SHA512-CRYPT", "pw")}).start()
+    address = str(server.socket_path)
+    try:
+        assert run(DovecotAuth(address, timeout=10).authenticate("f@dove.test", "pw")).ok
+        # Keep the directory: the socket file stays, nobody listens behind it.
+        server.keep = True
+        server.stop()
+        outcome = run(DovecotAuth(address, timeout=10).authenticate("f@dove.test", "pw"))
+        assert outcome.status is AuthStatus.TEMPORARY
+    finally:
+        server.keep = False
+        server.stop()
+
+
+# --- hashes made by other programs --------------------------------------------------
+
+@pytest.mark.parametrize(("scheme", "options"), [
+    ("SHA512-CRYPT", ()), ("SHA256-CRYPT", ()), ("SHA512-CRYPT", ("-r", "7000")),
+    ("SHA256-CRYPT", ("-r", "1000")), ("BLF-CRYPT", ()), ("BLF-CRYPT", ("-r", "5")),
+    ("ARGON2ID", ()), ("ARGON2I", ()),
+])
+def test_hashes_made_by_doveadm_verify(scheme: str, options: tuple[str, ...]) -> None:
+    for password in ("secret", "pässwörd with spaces", "x" * 80):
+        result = subprocess.run([which_peer("doveadm"), "pw", "-s", scheme, *options,
+                                 "-p", password], capture_output=True, text=True,
+                                timeout=60, check=True)
+        stored = result.stdout.strip()
+        assert stored.startswith("{" + scheme + "}")
+        if options and options[0] == "-r" and "CRYPT" in scheme and scheme != "BLF-CRYPT":
+            assert f"rounds={options[1]}$" in stored
+        assert verify_password(stored, password), stored
+        if len(password.encode()) < 72 or scheme != "BLF-CRYPT":   # bcrypt reads 72
+            assert not verify_password(stored, password + "!"), stored
+
+
+def test_sha_crypt_agrees_with_openssl_passwd() -> None:
+    openssl = which_peer("openssl")
+    chooser = random.Random(5)
+    alphabet = string.ascii_letters + string.digits + "./"
+    for n in range(24):
+        password = "".join(chooser.choice(string.printable[:94]) for _ in range(1 + n % 20))
+        salt = "".join(chooser.choice(alphabet) for _ in range(1 + n % 16))
+        flag = "-6" if n % 2 else "-5"
+        variant = "SHA512-CRYPT" if n % 2 else "SHA256-CRYPT"
+        setting = f"rounds={1000 + 37 * n}${salt}" if n % 3 == 0 else salt
+        result = subprocess.run([openssl, "passwd", flag, "-salt", setting, "-stdin"],
+                                input=password + "\n", capture_output=True, text=True,
+                                timeout=30, check=True)
+        expected = result.stdout.strip()
+        head = f"${flag[1]}$"
+        assert sha_crypt(password.encode(), (head + setting).encode(), variant).decode() \
+            == expected, (password, setting)
+        assert verify_password(expected, password)

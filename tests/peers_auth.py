@@ -1,0 +1,373 @@
+"""Real peers for the user directories: a private OpenLDAP slapd and a Dovecot auth server.
+
+``Slapd`` is OpenLDAP's server from Debian with its own slapd.conf-style configuration,
+an mdb database seeded by ``slapadd`` and, optionally, a self-signed certificate for
+StartTLS, all under a fresh temporary directory, listening only on 127.0.0.1:``port``.
+``DovecotAuthServer`` is a Dovecot that runs only its ``auth`` service (no protocols),
+with a passwd-file passdb and two client listeners: a unix socket in its directory and
+127.0.0.1:``port``. Each waits for its listener with a deadline and shows the tail of
+its log when it fails; each class docstring lists what was learnt making it work.
+(:mod:`peers` has the mail peers; this module imports its process helpers.)
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+from harness import TIMEOUT, free_port, wait_for, which_peer
+from peers import listening, stop_process, tail, unix_listening
+
+SCHEMAS = ("core", "cosine", "nis", "inetorgperson")
+
+
+@dataclass(frozen=True)
+class LdapUser:
+    """An inetOrgPerson ``uid=<uid>,ou=<ou>,<suffix>`` with ``password`` (stored as
+    ``{SSHA}``; None: no userPassword at all) and ``mail`` values."""
+
+    password: str | None
+    mail: tuple[str, ...] = ()
+    ou: str = "people"
+
+
+def ssha(password: str) -> str:
+    """An OpenLDAP ``{SSHA}`` userPassword value (SHA-1 of password + salt, salted)."""
+    salt = os.urandom(8)
+    digest = hashlib.sha1(password.encode() + salt).digest()
+    return "{SSHA}" + base64.b64encode(digest + salt).decode()
+
+
+@dataclass
+class Slapd:
+    """A private slapd: ``with Slapd({"alice": LdapUser("pw", ("alice@x.test",))}) as ldap``.
+
+    The tree is ``suffix`` (``dc=example,dc=test``) with ``ou=people`` and ``ou=staff``;
+    :attr:`admin_dn` is the rootdn (password :attr:`admin_password`), :attr:`reader_dn` a
+    service account that may search and read ``mail``. ACLs: userPassword is usable
+    for binds only (``by anonymous auth``); anonymous clients see nothing unless
+    ``anonymous_search``. ``tls``: StartTLS with a self-signed certificate for 127.0.0.1
+    (:attr:`ca_path` is what clients must trust).
+
+    What was found to work here (OpenLDAP 2.5.13, Debian 12, as root):
+
+    - ``slapd -f slapd.conf`` still reads the old-style config file (no cn=config
+      needed); ``slaptest -u`` checks it, ``slapadd -f`` loads the seed LDIF into the
+      mdb directory before slapd starts (no rootdn bind needed to fill it).
+    - ``-d 0`` keeps slapd in the foreground (a child the fixture can SIGTERM) without
+      debug output; ``-h ldap://127.0.0.1:PORT/`` is the only listener (no ldapi://).
+      ``pidfile`` and ``argsfile`` must be set, or it writes them under /var/run/slapd.
+    - ``moduleload back_mdb`` with ``modulepath /usr/lib/ldap``: Debian builds the
+      backends as modules; ``maxsize`` keeps the mdb map small (10 MiB).
+    - With anonymous search denied, a search for an entry answers 32 noSuchObject, not
+      an empty result: the base itself is invisible.
+    - Debian's slapd uses GnuTLS: ``TLSCertificateFile``/``TLSCertificateKeyFile`` take
+      PEM files made by ``openssl req -x509``; a self-signed certificate with
+      ``subjectAltName=IP:127.0.0.1`` is its own CA for the client.
+    """
+
+    users: dict[str, LdapUser] = field(default_factory=dict)
+    suffix: str = "dc=example,dc=test"
+    extra_ldif: str = ""
+    anonymous_search: bool = False
+    tls: bool = False
+    port: int = 0
+    keep: bool = False
+    admin_password: str = "admin-secret"
+    reader_password: str = "reader-secret"
+    root: Path = field(init=False)
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        which_peer("slapd")
+        which_peer("slapadd")
+        self.root = Path(tempfile.mkdtemp(prefix="tayori-slapd-"))
+
+    @property
+    def url(self) -> str:
+        return f"ldap://127.0.0.1:{self.port}"
+
+    @property
+    def admin_dn(self) -> str:
+        return f"cn=admin,{self.suffix}"
+
+    @property
+    def reader_dn(self) -> str:
+        return f"cn=reader,{self.suffix}"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.root / "cert.pem"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "slapd.conf"
+
+    def dn(self, uid: str, ou: str = "people") -> str:
+        return f"uid={uid},ou={ou},{self.suffix}"
+
+    def config_text(self) -> str:
+        root = self.root
+        anonymous = "by anonymous read " if self.anonymous_search else ""
+        lines = [*(f"include /etc/ldap/schema/{name}.schema" for name in SCHEMAS),
+                 "modulepath /usr/lib/ldap", "moduleload back_mdb",
+                 f"pidfile {root}/slapd.pid", f"argsfile {root}/slapd.args"]
+        if self.tls:
+            lines += [f"TLSCACertificateFile {self.ca_path}",
+                      f"TLSCertificateFile {self.ca_path}",
+                      f"TLSCertificateKeyFile {root}/key.pem"]
+        return "\n".join([
+            *lines,
+            "database mdb", "maxsize 10485760", f'suffix "{self.suffix}"',
+            f'rootdn "{self.admin_dn}"', f"rootpw {self.admin_password}",
+            f"directory {root}/db",
+            "access to attrs=userPassword by anonymous auth by * none",
+            f'access to * by dn.exact="{self.reader_dn}" read by self read {anonymous}'
+            "by * none",
+            "",
+        ])
+
+    def seed_ldif(self) -> str:
+        domain = self.suffix.split(",")[0].split("=")[1]
+        entries = [
+            f"dn: {self.suffix}\nobjectClass: dcObject\nobjectClass: organization\n"
+            f"dc: {domain}\no: {domain}\n",
+            f"dn: ou=people,{self.suffix}\nobjectClass: organizationalUnit\nou: people\n",
+            f"dn: ou=staff,{self.suffix}\nobjectClass: organizationalUnit\nou: staff\n",
+            f"dn: {self.reader_dn}\nobjectClass: organizationalRole\n"
+            f"objectClass: simpleSecurityObject\ncn: reader\n"
+            f"userPassword: {ssha(self.reader_password)}\n",
+        ]
+        for uid, user in self.users.items():
+            lines = [f"dn: {self.dn(uid, user.ou)}", "objectClass: inetOrgPerson",
+                     f"uid: {uid}", f"cn: {uid}", f"sn: {uid}",
+                     *(f"mail: {address}" for address in user.mail)]
+            if user.password is not None:
+                lines.append(f"userPassword: {ssha(user.password)}")
+            entries.append("\n".join(lines) + "\n")
+        return "\n".join(entries) + ("\n" + self.extra_ldif if self.extra_ldif else "")
+
+    def configure(self) -> None:
+        (self.root / "db").mkdir(exist_ok=True)
+        if not self.port:
+            self.port = free_port()
+        if self.tls:
+            self._make_certificate()
+        self.config_path.write_text(self.config_text())
+        (self.root / "seed.ldif").write_text(self.seed_ldif())
+        self._run("slaptest", "-u", "-f", str(self.config_path))
+        self._run("slapadd", "-f", str(self.config_path), "-l", str(self.root / "seed.ldif"))
+
+    def _make_certificate(self) -> None:
+        self._run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                  "-keyout", str(self.root / "key.pem"), "-out", str(self.ca_path),
+                  "-days", "2", "-subj", "/CN=127.0.0.1",
+                  "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost")
+
+    def _run(self, program: str, *args: str) -> None:
+        result = subprocess.run([which_peer(program), *args], capture_output=True,
+                                text=True, timeout=60, check=False)
+        if result.returncode != 0:
+            raise AssertionError(f"{program} {' '.join(args)} exited {result.returncode}: "
+                                 f"{result.stdout}{result.stderr}")
+
+    def start(self) -> Self:
+        self.configure()
+        with open(self.root / "stderr.log", "ab") as stderr:
+            self.process = subprocess.Popen(
+                [which_peer("slapd"), "-d", "0", "-h", f"ldap://127.0.0.1:{self.port}/",
+                 "-f", str(self.config_path)], stdout=stderr, stderr=subprocess.STDOUT)
+        self.wait_for(self._up, what=f"slapd to listen on {self.port}")
+        return self
+
+    def _up(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"slapd exited {self.process.returncode}")
+        return listening("127.0.0.1", self.port)
+
+    def wait_for(self, condition: Callable[[], object], timeout: float = TIMEOUT,
+                 what: str = "condition") -> object:
+        try:
+            return wait_for(condition, timeout=timeout, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; slapd log:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return tail(self.root / "stderr.log")
+
+    def stop(self) -> None:
+        """Stop slapd (SIGTERM) and remove its directory unless ``keep``."""
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class DovecotAuthServer:
+    """A private Dovecot running only its auth service:
+    ``with DovecotAuthServer({"u@x.test": "{SHA512-CRYPT}$6$..."}) as dovecot``.
+
+    ``users`` maps each login to its stored password (any scheme Dovecot knows, with
+    its ``{SCHEME}`` prefix) in a passwd-file passdb. Clients connect to the unix socket
+    :attr:`socket_path` or to 127.0.0.1:``port`` (0: a free one). ``tempfail``: the
+    passdb is a checkpassword script that exits 111, so every login is a temporary
+    failure. ``settings`` are extra top-level dovecot.conf lines.
+
+    What was found to work here (Dovecot 2.3.19, Debian 12, as root):
+
+    - ``protocols =`` (empty) starts Dovecot with its auth service only ("starting up
+      without any protocols"); nothing else listens.
+    - ``service auth { unix_listener PATH }`` with an absolute path puts the socket
+      there. Both listeners here (that socket, named ``auth-client``, and an
+      ``inet_listener`` named ``auth-inet``) speak the auth-client protocol.
+    - Without ``no-penalty`` in the AUTH request and without ``rip=``, Dovecot counts
+      the failures of every client together (anvil's auth penalty) and starts delaying
+      all later requests, also good ones, by seconds: tayori's client sends it.
+    - Failed logins still take about 0.5 s with ``auth_failure_delay = 0``.
+    - A missing passwd-file is an unknown user (FAIL without ``temp``), not a temporary
+      failure; a checkpassword passdb whose script exits 111 gives
+      ``FAIL <id> user=... code=temp_fail``.
+    - A userdb is required even for password checks only; a ``static`` one will do.
+    - The master takes about a second to exit after SIGTERM; a new instance in the same
+      directory before that refuses to start ("already running").
+    """
+
+    users: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    tempfail: bool = False
+    settings: dict[str, str] = field(default_factory=dict)
+    keep: bool = False
+    root: Path = field(init=False)
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        which_peer("dovecot")
+        if not Path("/usr/lib/dovecot/auth").exists():
+            import pytest
+
+            pytest.skip("dovecot's auth service (/usr/lib/dovecot/auth) is not installed")
+        self.root = Path(tempfile.mkdtemp(prefix="tayori-dovecot-auth-"))
+
+    @property
+    def socket_path(self) -> Path:
+        return self.root / "auth-client"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "dovecot.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "dovecot.log"
+
+    def passdb(self) -> str:
+        if self.tempfail:
+            return f"passdb {{\n  driver = checkpassword\n  args = {self.root}/tempfail\n}}\n"
+        return f"passdb {{\n  driver = passwd-file\n  args = {self.root}/users\n}}\n"
+
+    def config_text(self) -> str:
+        root = self.root
+        settings = {
+            "base_dir": str(root / "run"),
+            "state_dir": str(root / "state"),
+            "instance_name": f"tayori-{root.name}",
+            "log_path": str(self.log_path),
+            "protocols": "",
+            "listen": "127.0.0.1",
+            "ssl": "no",
+            "auth_mechanisms": "plain login",
+            "auth_failure_delay": "0",
+            "default_internal_user": "dovecot",
+            "default_login_user": "dovenull",
+            **self.settings,
+        }
+        lines = [f"{key} = {value}" for key, value in settings.items()]
+        return "\n".join(lines) + "\n" + self.passdb() + f"""userdb {{
+  driver = static
+  args = uid=mail gid=mail home={root}/home/%u
+}}
+service auth {{
+  unix_listener {self.socket_path} {{
+    mode = 0666
+  }}
+  inet_listener auth-inet {{
+    address = 127.0.0.1
+    port = {self.port}
+  }}
+}}
+"""
+
+    def configure(self) -> None:
+        self.root.chmod(0o755)
+        if not self.port:
+            self.port = free_port()
+        users = "".join(f"{login}:{stored}\n" for login, stored in self.users.items())
+        (self.root / "users").write_text(users)
+        (self.root / "tempfail").write_text("#!/bin/sh\nexit 111\n")
+        (self.root / "tempfail").chmod(0o755)
+        self.config_path.write_text(self.config_text())
+
+    def start(self) -> Self:
+        self.configure()
+        with open(self.root / "stderr.log", "ab") as stderr:
+            self.process = subprocess.Popen(
+                [which_peer("dovecot"), "-F", "-c", str(self.config_path)],
+                stdout=stderr, stderr=subprocess.STDOUT)
+        self.wait_for(self._up, what="dovecot auth to listen")
+        return self
+
+    def _up(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"dovecot exited {self.process.returncode}")
+        return unix_listening(self.socket_path) and listening("127.0.0.1", self.port)
+
+    def wait_for(self, condition: Callable[[], object], timeout: float = TIMEOUT,
+                 what: str = "condition") -> object:
+        try:
+            return wait_for(condition, timeout=timeout, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; dovecot log:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return tail(self.root / "stderr.log") + tail(self.log_path)
+
+    def stop(self) -> None:
+        """Stop Dovecot (SIGTERM to the master) and remove its directory unless ``keep``."""
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def doveadm_pw(scheme: str, password: str) -> str:
+    """A hash made by Dovecot's own ``doveadm pw -s SCHEME`` (with its prefix)."""
+    result = subprocess.run([which_peer("doveadm"), "pw", "-s", scheme, "-p", password],
+                            capture_output=True, text=True, timeout=60, check=True)
+    return result.stdout.strip()
