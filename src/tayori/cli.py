@@ -1,6 +1,6 @@
 """The ``tayori`` command: serve, check-config, queue (list, show, flush, hold, release,
 delete), sendmail (handed to :mod:`tayori.sendmail`, whose flags are sendmail's),
-config-reference.
+user and dkim (:mod:`tayori.admin`), config-reference.
 
 Takes: command-line arguments.
 Promises: each subcommand prints its result to stdout and exits 0; a problem the user can
@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from tayori import admin
 from tayori.config import Config, ConfigError, load
 from tayori.queue import wakeup
 from tayori.queue.spool import Envelope, RecipientRecord, read_envelopes
@@ -39,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tayori: configuration error: {exc}", file=sys.stderr)
         return 1
-    except UserError as exc:
+    except (UserError, admin.AdminError) as exc:
         print(f"tayori: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     reference.set_defaults(func=_config_reference)
     default = commands.add_parser("default-config", help="print the embedded default config")
     default.set_defaults(func=_default_config)
+    admin.add_commands(commands, with_config)
     commands.add_parser("sendmail", add_help=False,
                         help="sendmail-compatible submission: tayori sendmail [-t] [-i] "
                              "[-f sender] [-bs] [recipient ...] (see tayori.sendmail)")

@@ -19,6 +19,7 @@ from typing import Any
 
 from tayori.config.model import (
     ActionConfig,
+    CertificateConfig,
     Config,
     LimitsConfig,
     ListenConfig,
@@ -30,8 +31,9 @@ from tayori.config.model import (
 )
 from tayori.config.schema import ConfigError
 
-__all__ = ["ActionConfig", "Config", "ConfigError", "LimitsConfig", "ListenConfig",
-           "LogConfig", "MatchConfig", "SmtpConfig", "Table", "default_text", "load"]
+__all__ = ["ActionConfig", "CertificateConfig", "Config", "ConfigError", "LimitsConfig",
+           "ListenConfig", "LogConfig", "MatchConfig", "SmtpConfig", "Table", "default_text",
+           "load"]
 
 EMBEDDED = "(embedded default)"
 
@@ -72,10 +74,19 @@ def _resolved(config: Config, base: str) -> Config:
         return os.path.normpath(os.path.join(base, path)) if path else path
 
     listeners = tuple(dataclasses.replace(item, tls_cert=absolute(item.tls_cert),
-                                          tls_key=absolute(item.tls_key))
+                                          tls_key=absolute(item.tls_key),
+                                          tls_client_ca=absolute(item.tls_client_ca))
                       for item in config.listen)
+    certificates = tuple(dataclasses.replace(item, cert=absolute(item.cert),
+                                             key=absolute(item.key))
+                         for item in config.certificates)
     actions = {name: dataclasses.replace(action, path=absolute(action.path))
                for name, action in config.actions.items()}
     log = dataclasses.replace(config.log, file=absolute(config.log.file))
+    auth = dataclasses.replace(config.auth, users=absolute(config.auth.users),
+                               sqlite=absolute(config.auth.sqlite),
+                               senders=absolute(config.auth.senders),
+                               ldap_ca_file=absolute(config.auth.ldap_ca_file))
     return dataclasses.replace(config, spool=absolute(config.spool), listen=listeners,
-                               actions=actions, log=log)
+                               certificates=certificates, actions=actions, log=log,
+                               auth=auth)

@@ -81,6 +81,14 @@ def parse_next_hop(text: str, default_port: int) -> tuple[str, int, bool]:
     return host, port, brackets
 
 
+def _mechanisms(items: list[str]) -> tuple[str, ...]:
+    names = tuple(item.upper() for item in items)
+    unknown = [name for name in names if name not in ("PLAIN", "LOGIN")]
+    if unknown or not names:
+        raise BadValue(f"{unknown or items!r}: tayori offers PLAIN and LOGIN")
+    return names
+
+
 def _positive(value: int) -> int:
     if value < 1:
         raise BadValue(f"{value} is less than 1")
@@ -90,7 +98,9 @@ def _positive(value: int) -> int:
 POSITIVE = checked(INT, "integer", "a whole number >= 1", _positive)
 ENDPOINT = checked(STRING, "address", '"IP:port" or "[IPv6]:port", e.g. "0.0.0.0:25", "[::]:25"',
                    _parse_endpoint)
-LISTEN_MODES = ("smtp",)
+LISTEN_MODES = ("smtp", "submission", "smtps")
+AUTH_MODES = ("submission", "smtps")   # AUTH always offered, and required before MAIL
+TLS_VERSIONS = ("1.2", "1.3")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,14 +116,97 @@ class LogConfig:
 class ListenConfig:
     address: tuple[str, int] = required(ENDPOINT, "Where to listen.")
     mode: str = setting("smtp", enum(*LISTEN_MODES),
-                        "Protocol spoken on this listener. (`submission`, `smtps` and `lmtp` "
-                        "arrive with their issues.)")
-    starttls: bool = setting(True, BOOL, "Offer STARTTLS (RFC 3207).")
-    tls_cert: str = setting("", PATH, "PEM certificate chain for STARTTLS. Empty: a "
-                            "self-signed certificate is generated under `<spool>/tls/`.")
+                        "Protocol spoken on this listener: `smtp` (port 25, mail from other "
+                        "MTAs), `submission` (587: STARTTLS, then AUTH before MAIL; RFC 6409) "
+                        "or `smtps` (465: TLS from the first byte, then AUTH before MAIL; "
+                        "RFC 8314).")
+    starttls: bool = setting(True, BOOL, "Offer STARTTLS (RFC 3207). Not used by `smtps`.")
+    tls_cert: str = setting("", PATH, "PEM certificate chain. Empty: a self-signed certificate "
+                            "is generated under `<spool>/tls/`. More certificates, chosen by "
+                            "the name the client asks for (SNI): `[[certificate]]`.")
     tls_key: str = setting("", PATH, "PEM private key matching `tls_cert`.")
+    tls_min_version: str = setting("1.2", enum(*TLS_VERSIONS), "Oldest TLS version accepted "
+                                   "(RFC 8996: never 1.0 or 1.1).")
+    tls_ciphers: str = setting("", STRING, "OpenSSL cipher list for TLS 1.2. Empty: forward-"
+                               "secret AEAD suites only (ECDHE with AES-GCM or ChaCha20).")
+    tls_client_certs: str = setting("none", enum("none", "optional", "required"),
+                                    "Ask clients for a certificate, checked against "
+                                    "`tls_client_ca`; its subject is logged. `required`: no "
+                                    "TLS without one.")
+    tls_client_ca: str = setting("", PATH, "CA certificates (PEM) for client certificates.")
+    auth: bool = setting(False, BOOL, "`smtp`: offer AUTH here too (after STARTTLS). "
+                         "`submission` and `smtps` always offer it.")
+    auth_without_tls: bool = setting(False, BOOL, "Offer AUTH on a connection without TLS. "
+                                     "Only for a loopback address (passwords would travel "
+                                     "in clear text).")
     proxy_protocol: bool = setting(False, BOOL, "Expect a PROXY protocol v1 or v2 header "
                                    "before SMTP; the client address is taken from it.")
+
+    @property
+    def offers_auth(self) -> bool:
+        return self.auth or self.mode in AUTH_MODES
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateConfig:
+    cert: str = required(PATH, "PEM certificate chain.")
+    key: str = required(PATH, "PEM private key matching `cert`.")
+    names: tuple[str, ...] = setting((), STRING_LIST, "Host names it serves when a client "
+                                     "asks for one (SNI), `*.example.org` for a wildcard. "
+                                     "Empty: the DNS names in the certificate.",
+                                     shown_default="[] (from the certificate)")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    mechanisms: tuple[str, ...] = setting(("PLAIN", "LOGIN"), checked(
+        STRING_LIST, "list of SASL mechanisms", '["PLAIN", "LOGIN"] or a part of it',
+        _mechanisms), "SASL mechanisms offered with AUTH, in this order (only over TLS, "
+        "unless a listener says `auth_without_tls`).", shown_default='["PLAIN", "LOGIN"]')
+    users: str = setting("./var/users", PATH, "The user file (`login:{ARGON2ID}...:sender, "
+                         "@domain` per line), managed with `tayori user add | passwd | "
+                         "delete | list`; used unless `sqlite`, `ldap` or `dovecot` is set.")
+    sqlite: str = setting("", PATH, "Users in an SQLite database instead (read-only).")
+    password_query: str = setting("SELECT password FROM users WHERE login = :login", STRING,
+                                  "`sqlite`: the stored hash of `:login`.")
+    senders_query: str = setting("", STRING, "`sqlite`: the sender addresses (and `@domain`s) "
+                                 "of `:login`, one per row.")
+    ldap: str = setting("", STRING, 'Users in LDAP instead: the server, "ldap://host" or '
+                        '"ldaps://host"; a search for the user, then a bind as its entry.')
+    ldap_base: str = setting("", STRING, "`ldap`: the search base DN.")
+    ldap_filter: str = setting("(&(objectClass=inetOrgPerson)(uid={login}))", STRING,
+                               "`ldap`: the search filter; `{login}` is replaced (escaped, "
+                               "RFC 4515).")
+    ldap_bind_dn: str = setting("", STRING, "`ldap`: the DN to search as; empty: anonymous.")
+    ldap_bind_password: str = setting("", STRING, "`ldap`: the password of `ldap_bind_dn`.")
+    ldap_start_tls: bool = setting(False, BOOL, "`ldap`: STARTTLS before anything is sent.")
+    ldap_ca_file: str = setting("", PATH, "`ldap`: CA certificates for its TLS; empty: the "
+                                "system's.")
+    ldap_sender_attributes: tuple[str, ...] = setting(
+        ("mail",), STRING_LIST, "`ldap`: attributes of the entry that list its sender "
+        "addresses.", shown_default='["mail"]')
+    dovecot: str = setting("", STRING, "Ask Dovecot's auth service instead: its auth-client "
+                           'socket path, or "host:port".')
+    senders: str = setting("", PATH, "A file of `login: address, @domain` lines: the sender "
+                           "addresses of each login (besides the login itself when it is an "
+                           "address), for directories without their own (Dovecot).")
+    sender_policy: str = setting("owned", enum("owned", "any"), "`owned`: an authenticated "
+                                 "client may use only its own sender addresses (else 553 "
+                                 "5.7.1); `any`: every sender.")
+    timeout: float = setting(10.0, DURATION, "Wait for the user directory; then 454 4.7.0.",
+                             shown_default='"10s"')
+    max_failures: int = setting(5, POSITIVE, "Failed logins from one client address (IPv6: "
+                                "its /64) within `failure_window` before it is banned.")
+    failure_window: float = setting(600.0, DURATION, "See `max_failures`.",
+                                    shown_default='"10m"')
+    ban_time: float = setting(3600.0, DURATION, "How long a banned client gets 421 4.7.0 at "
+                              "connect and at AUTH (logged as auth-ban, for fail2ban).",
+                              shown_default='"1h"')
+
+    @property
+    def backend(self) -> str:
+        return next((name for name in ("dovecot", "ldap", "sqlite") if getattr(self, name)),
+                    "file")
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,8 +406,10 @@ class Config:
                            shown_default="0 (one per core)")
     log: LogConfig = field(default_factory=LogConfig)
     listen: tuple[ListenConfig, ...] = ()
+    certificates: tuple[CertificateConfig, ...] = ()
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
@@ -324,13 +419,15 @@ class Config:
 
 
 TOP_LEVEL = ("hostname", "spool", "user", "workers")
-SECTIONS = {"log": LogConfig, "limits": LimitsConfig, "smtp": SmtpConfig, "queue": QueueConfig,
+SECTIONS = {"log": LogConfig, "limits": LimitsConfig, "smtp": SmtpConfig, "auth": AuthConfig,
+            "queue": QueueConfig,
             "delivery": DeliveryConfig, "dns": DnsConfig}
 
 
 def from_document(doc: dict[str, Any], file: str, base: str) -> Config:
     """Validate a parsed TOML document into a Config; ``base`` anchors relative table files."""
-    allowed = set(TOP_LEVEL) | set(SECTIONS) | {"listen", "tables", "actions", "match"}
+    allowed = set(TOP_LEVEL) | set(SECTIONS) | {"listen", "certificate", "tables", "actions",
+                                                "match"}
     for key in doc:
         if key not in allowed:
             raise ConfigError(file, key, "unknown key", ", ".join(sorted(allowed)))
@@ -347,12 +444,36 @@ def from_document(doc: dict[str, Any], file: str, base: str) -> Config:
     rules = tuple(_match(item, i, file, tables, actions)
                   for i, item in enumerate(_array(doc, "match", file)))
     for i, listener in enumerate(listeners):
-        if bool(listener.tls_cert) != bool(listener.tls_key):
-            raise ConfigError(file, f"listen[{i}].tls_key", "tls_cert and tls_key go together",
-                              "both set, or both empty for a self-signed certificate")
+        _check_listener(listener, file, f"listen[{i}]")
+    certificates = tuple(build(CertificateConfig, item, file, f"certificate[{i}]")
+                         for i, item in enumerate(_array(doc, "certificate", file)))
+    chosen = [name for name in ("dovecot", "ldap", "sqlite") if getattr(sections["auth"], name)]
+    if len(chosen) > 1:
+        raise ConfigError(file, f"auth.{chosen[1]}", f"auth.{chosen[0]} is set too",
+                          "one user directory: users (a file), sqlite, ldap or dovecot")
     top["hostname"] = top.get("hostname") or socket.getfqdn()
-    return Config(file=file, listen=listeners, tables=tables, actions=actions, match=rules,
-                  **top, **sections)
+    return Config(file=file, listen=listeners, certificates=certificates, tables=tables,
+                  actions=actions, match=rules, **top, **sections)
+
+
+def _check_listener(listener: ListenConfig, file: str, key: str) -> None:
+    if bool(listener.tls_cert) != bool(listener.tls_key):
+        raise ConfigError(file, f"{key}.tls_key", "tls_cert and tls_key go together",
+                          "both set, or both empty for a self-signed certificate")
+    if listener.auth_without_tls and not ipaddress.ip_address(
+            socket.gethostbyname(listener.address[0]) if listener.address[0] == "localhost"
+            else listener.address[0]).is_loopback:
+        raise ConfigError(file, f"{key}.auth_without_tls", "passwords would cross the network "
+                          "in clear text", "true only on a loopback address (127.0.0.0/8, ::1)")
+    if listener.tls_client_certs != "none" and not listener.tls_client_ca:
+        raise ConfigError(file, f"{key}.tls_client_ca", "is needed to check client "
+                          "certificates", "a PEM file of CA certificates")
+    if listener.mode == "smtps" and not listener.starttls:
+        raise ConfigError(file, f"{key}.starttls", "smtps is TLS from the first byte",
+                          "leave starttls on (true) for an smtps listener")
+    if listener.mode == "smtps" and listener.proxy_protocol:
+        raise ConfigError(file, f"{key}.proxy_protocol", "is not supported with smtps yet",
+                          "false; or terminate TLS in the proxy and use submission")
 
 
 def _array(doc: dict[str, Any], key: str, file: str) -> list[Any]:

@@ -12,6 +12,8 @@ from typing import Any
 from tayori.config import default_text
 from tayori.config.model import (
     ActionConfig,
+    AuthConfig,
+    CertificateConfig,
     Config,
     DeliveryConfig,
     DnsConfig,
@@ -50,6 +52,11 @@ SECTIONS: list[tuple[str, str, Any]] = [
     ("[log]", "The operator log: one line per event.", LogConfig),
     ("[[listen]]", "One section per listening socket. At least one is required.",
      ListenConfig),
+    ("[[certificate]]", "More TLS certificates for every listener, chosen by the host name "
+                        "the client asks for (SNI); the listener's own is the fallback.",
+     CertificateConfig),
+    ("[auth]", "SMTP AUTH on the listeners that offer it: the user directory, the sender "
+               "addresses each login may use, and the ban for password guessing.", AuthConfig),
     ("[limits]", "Protection against oversized, slow and abusive clients.", LimitsConfig),
     ("[smtp]", "ESMTP features offered in the EHLO reply.", SmtpConfig),
     ("[queue]", "Retries, lifetime and DSNs of queued mail.", QueueConfig),

@@ -42,6 +42,12 @@ class Listener:
     port: int
     proxy_protocol: bool
     starttls: bool
+    config: ListenConfig
+
+    @property
+    def implicit_tls(self) -> bool:
+        """``smtps``: TLS from the first byte (after a PROXY header), before the greeting."""
+        return self.config.mode == "smtps"
 
 
 class Receiver:
@@ -90,7 +96,14 @@ class Receiver:
             cert, key = item.tls_cert, item.tls_key
             if not cert:
                 cert, key = tls.self_signed(os.path.join(config.spool, "tls"), config.hostname)
-            contexts[_name(index, item)] = tls.server_context(cert, key)
+            settings = tls.TlsSettings(item.tls_min_version, item.tls_ciphers,
+                                       item.tls_client_certs, item.tls_client_ca)
+            context = tls.server_context(cert, key, settings)
+            tls.add_sni(context, [
+                (extra.names or tls.certificate_names(extra.cert),
+                 tls.server_context(extra.cert, extra.key, settings))
+                for extra in config.certificates])
+            contexts[_name(index, item)] = context
         self._tls = contexts
 
     def reload(self, config: Config) -> None:
@@ -122,7 +135,7 @@ class Receiver:
             sock.listen(1024)
             sock.setblocking(False)
             listener = Listener(_name(index, item), host, port, item.proxy_protocol,
-                                item.starttls)
+                                item.starttls, item)
             self._sockets.append((listener, sock))
 
     async def serve(self) -> None:

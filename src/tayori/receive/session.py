@@ -100,6 +100,8 @@ class Session(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = self.transport.get_extra_info("peername") or ("", 0)
         self.client_ip, self.client_port = str(peer[0]), int(peer[1])
+        if self.listener.implicit_tls:   # the ClientHello is for the TLS layer, not for us
+            self.transport.pause_reading()
         self._task = asyncio.get_running_loop().create_task(self._run())
         self.receiver.track(self._task)
 
@@ -154,6 +156,8 @@ class Session(asyncio.Protocol):
 
     async def _start(self) -> bool:
         if self._proxy_buffer is not None and not await self._read_proxy_header():
+            return False
+        if self.listener.implicit_tls and not await self._implicit_tls():
             return False
         refusal = self.receiver.admit(self)
         self._admitted = refusal is None
@@ -225,6 +229,14 @@ class Session(asyncio.Protocol):
             self._readable.set()
         else:
             self._idle_timer = loop.call_at(self._deadline, self._on_idle_timer)
+
+    async def _implicit_tls(self) -> bool:
+        """``smtps``: the TLS handshake before the greeting (RFC 8314 §3.3)."""
+        context = self.receiver.tls_context(self.listener)
+        if context is None:
+            return False
+        await self._upgrade(context)
+        return self.tls is not None
 
     async def _read_proxy_header(self) -> bool:
         buffer = self._proxy_buffer
