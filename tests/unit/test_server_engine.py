@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable
 from typing import Any
@@ -11,9 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tayori.errors import Reply
+from tayori.smtp.sasl import MAX_RESPONSE
 from tayori.smtp.server import (
     COMMAND_LINE_LIMIT,
     LINE_LIMITS,
+    Authenticate,
     ChunkEnd,
     Event,
     Hello,
@@ -21,6 +24,7 @@ from tayori.smtp.server import (
     MessageBegin,
     MessageData,
     MessageEnd,
+    Mode,
     RcptTo,
     Refused,
     ServerEngine,
@@ -793,6 +797,321 @@ def test_starttls_refused_by_the_application() -> None:
     assert client.reply_to(b"NOOP\r\n") == ["250 2.0.0 OK"]
 
 
+# --- AUTH (RFC 4954) ---------------------------------------------------------------------
+
+AUTH = {"auth_mechanisms": ("PLAIN", "LOGIN"), "auth_without_tls": True}
+OK_235 = "235 2.7.0 Authentication successful"
+USERNAME, PASSWORD = "334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6"
+
+
+def b64(text: str | bytes) -> str:
+    data = text.encode() if isinstance(text, str) else text
+    return base64.b64encode(data).decode()
+
+
+def auth_line(text: str) -> bytes:
+    return f"{text}\r\n".encode()
+
+
+PLAIN_IR = auth_line("AUTH PLAIN " + b64("\0user\0secret"))
+
+
+def password_check(event: Event) -> Reply | None:
+    """Accept user/secret, refuse other credentials with 535."""
+    if isinstance(event, Authenticate) and (event.login, event.password) != ("user", "secret"):
+        return Reply(535, "5.7.8", "Authentication credentials invalid")
+    return None
+
+
+def auth_client(**options: Any) -> Client:
+    client = Client(**{**AUTH, **options})
+    client.ehlo()
+    return client
+
+
+def test_ehlo_advertises_auth_only_when_usable() -> None:
+    def ehlo_last(**options: Any) -> str:
+        client = Client(**options)
+        client.send(b"EHLO client.example\r\n")
+        return client.replies()[0].split("|")[-1]
+
+    assert ehlo_last() == "250 DSN"
+    assert ehlo_last(auth_mechanisms=("PLAIN",)) == "250 DSN"  # plaintext: not offered
+    assert ehlo_last(auth_mechanisms=("PLAIN",), tls_available=True) == "250 STARTTLS"
+    assert ehlo_last(**AUTH) == "250 AUTH PLAIN LOGIN"
+    assert ehlo_last(auth_mechanisms=("LOGIN", "PLAIN"), tls_active=True) \
+        == "250 AUTH LOGIN PLAIN"
+    assert "AUTH" in auth_client().engine.offered
+    assert "AUTH" not in Client(auth_mechanisms=("PLAIN",)).engine.offered
+
+
+def test_unknown_mechanism_in_settings_is_an_error() -> None:
+    with pytest.raises(ValueError, match="CRAM-MD5"):
+        Settings(hostname="mx.example", auth_mechanisms=("PLAIN", "CRAM-MD5"))
+
+
+def test_auth_plain_with_initial_response() -> None:
+    client = auth_client()
+    events = client.send(PLAIN_IR)
+    assert events == [Authenticate("PLAIN", "user", "secret", "")]
+    assert client.replies() == [OK_235]
+    assert client.engine.authenticated == "user"
+
+
+def test_auth_plain_without_initial_response() -> None:
+    client = auth_client()
+    assert client.reply_to(b"auth plain\r\n") == ["334 "]
+    assert client.engine.mode.name == "AUTH"
+    events = client.send(auth_line(b64("admin\0user\0secret")))
+    assert events == [Authenticate("PLAIN", "user", "secret", "admin")]
+    assert client.replies() == [OK_235]
+    assert client.engine.mode is Mode.COMMAND
+
+
+def test_auth_login() -> None:
+    client = auth_client()
+    assert client.reply_to(b"AUTH LOGIN\r\n") == [USERNAME]
+    assert client.reply_to(auth_line(b64("user"))) == [PASSWORD]
+    events = client.send(auth_line(b64("secret")))
+    assert events == [Authenticate("LOGIN", "user", "secret", "")]
+    assert client.replies() == [OK_235]
+
+
+def test_auth_login_with_initial_response() -> None:
+    client = auth_client()
+    assert client.reply_to(auth_line("AUTH LOGIN " + b64("user"))) == [PASSWORD]
+    assert client.reply_to(auth_line(b64("secret"))) == [OK_235]
+
+
+def test_auth_login_pipelined_responses_are_read_in_order() -> None:
+    client = auth_client()
+    batch = f"AUTH LOGIN\r\n{b64('user')}\r\n{b64('secret')}\r\nNOOP\r\n".encode()
+    assert client.reply_to(batch) == [USERNAME, PASSWORD, OK_235, "250 2.0.0 OK"]
+
+
+def test_auth_empty_initial_response() -> None:
+    """``=`` is an empty initial response; for PLAIN that is a malformed message."""
+    client = auth_client()
+    events = client.send(b"AUTH PLAIN =\r\n")
+    assert refusals(events) == [("AUTH", 501)]
+    assert client.replies() == ["501 5.5.2 Malformed PLAIN message"]
+
+
+def test_auth_cancelled() -> None:
+    client = auth_client()
+    client.send(b"AUTH LOGIN\r\n")
+    events = client.send(b"*\r\n")
+    assert refusals(events) == [("AUTH", 501)]
+    assert client.replies() == [USERNAME, "501 5.0.0 Authentication cancelled"]
+    assert client.engine.authenticated is None and client.engine.mode is Mode.COMMAND
+    assert client.reply_to(b"NOOP\r\n") == ["250 2.0.0 OK"]
+    assert client.reply_to(PLAIN_IR) == [OK_235]  # may try again
+
+
+@pytest.mark.parametrize("lines", [
+    [b"AUTH PLAIN not-base64\r\n"],
+    [b"AUTH PLAIN\r\n", b"AHVzZXIAc2VjcmV\r\n"],
+    [b"AUTH LOGIN\r\n", b"dXNlcg = =\r\n"],
+])
+def test_auth_bad_base64(lines: list[bytes]) -> None:
+    client = auth_client()
+    for line in lines:
+        client.send(line)
+    assert client.replies()[-1] == "501 5.5.2 Invalid base64 data"
+    assert client.engine.authenticated is None and client.engine.mode is Mode.COMMAND
+
+
+@pytest.mark.parametrize("message", [b"user\0secret", b"\0user\0", b"\0\0secret",
+                                     b"\0user\0secret\0x", b"\0us\xffer\0secret"])
+def test_auth_malformed_plain_message(message: bytes) -> None:
+    client = auth_client()
+    events = client.send(auth_line("AUTH PLAIN " + b64(message)))
+    assert refusals(events) == [("AUTH", 501)]
+    assert client.replies()[0].startswith("501 5.5.2")
+
+
+def test_auth_response_line_limit() -> None:
+    client = auth_client()
+    longest = auth_line(b64(b"\0user\0" + b"s" * (MAX_RESPONSE // 4 * 3 - 6)))
+    assert len(longest) == MAX_RESPONSE + 2
+    client.send(b"AUTH PLAIN\r\n")
+    events = client.send(longest)
+    assert len(events) == 1 and isinstance(events[0], Authenticate)
+    client = auth_client()
+    client.send(b"AUTH PLAIN\r\n")
+    events = client.send(b"A" * (MAX_RESPONSE + 4) + b"\r\nNOOP\r\n")
+    assert refusals(events) == [("AUTH", 500)]
+    assert client.replies() == ["334 ", "500 5.5.6 Authentication line too long",
+                                "250 2.0.0 OK"]
+
+
+def test_auth_response_too_long_arriving_in_pieces() -> None:
+    client = auth_client()
+    client.send(b"AUTH LOGIN\r\n")
+    for _ in range(4):
+        client.send(b"A" * 4096)
+    assert client.engine.mode is Mode.SKIP_LINE
+    client.send(b"AAAA\r\nNOOP\r\n")
+    assert client.replies() == [USERNAME, "500 5.5.6 Line too long", "250 2.0.0 OK"]
+    assert client.engine.authenticated is None
+
+
+def test_auth_refused_without_tls() -> None:
+    client = Client(auth_mechanisms=("PLAIN",), tls_available=True)
+    client.ehlo()
+    events = client.send(PLAIN_IR)
+    assert refusals(events) == [("AUTH", 538)]
+    assert client.replies() == [
+        "538 5.7.11 Encryption required for requested authentication mechanism"]
+    assert client.engine.authenticated is None
+
+
+def test_auth_after_starttls() -> None:
+    client = Client(auth_mechanisms=("PLAIN", "LOGIN"), tls_available=True)
+    client.ehlo()
+    client.send(b"STARTTLS\r\n")
+    client.engine.tls_started()
+    client.replies()
+    client.send(b"EHLO client.example\r\n")
+    assert client.replies()[0].endswith("|250 AUTH PLAIN LOGIN")
+    assert client.reply_to(PLAIN_IR) == [OK_235]
+
+
+def test_tls_started_clears_authentication() -> None:
+    client = auth_client(tls_available=True)
+    client.send(PLAIN_IR)
+    assert client.engine.authenticated == "user"
+    client.engine.tls_started()
+    assert client.engine.authenticated is None
+
+
+def test_auth_not_configured() -> None:
+    client = Client()
+    client.ehlo()
+    assert client.reply_to(PLAIN_IR) == ["502 5.5.1 AUTH is not available"]
+
+
+@pytest.mark.parametrize("hello", [b"", b"HELO client.example\r\n"])
+def test_auth_before_ehlo(hello: bytes) -> None:
+    client = Client(**AUTH)
+    client.send(hello)
+    client.replies()
+    events = client.send(PLAIN_IR)
+    assert refusals(events) == [("AUTH", 503)]
+    assert client.replies() == ["503 5.5.1 Send EHLO first"]
+
+
+def test_auth_twice() -> None:
+    client = auth_client()
+    assert client.reply_to(PLAIN_IR) == [OK_235]
+    assert client.reply_to(b"AUTH LOGIN\r\n") == ["503 5.5.1 Already authenticated"]
+    client.ehlo("again.example")  # EHLO keeps the authentication
+    assert client.engine.authenticated == "user"
+
+
+def test_auth_during_a_transaction() -> None:
+    client = auth_client()
+    client.send(b"MAIL FROM:<a@x.example>\r\n")
+    client.replies()
+    assert client.reply_to(PLAIN_IR) == ["503 5.5.1 Mail transaction in progress"]
+
+
+@pytest.mark.parametrize(("command", "reply"), [
+    (b"AUTH", "501 5.5.4 Syntax: AUTH mechanism [initial-response]"),
+    (b"AUTH PLAIN a b", "501 5.5.4 Syntax: AUTH mechanism [initial-response]"),
+    (b"AUTH CRAM-MD5", "504 5.5.4 Unrecognized authentication type"),
+    (b"AUTH LOGIN", "504 5.5.4 Unrecognized authentication type"),
+])
+def test_auth_syntax_and_mechanism(command: bytes, reply: str) -> None:
+    client = auth_client(auth_mechanisms=("PLAIN",))
+    events = client.send(command + b"\r\n")
+    assert refusals(events) == [("AUTH", int(reply[:3]))]
+    assert client.replies() == [reply]
+
+
+@pytest.mark.parametrize("refusal", [Reply(535, "5.7.8", "Authentication credentials invalid"),
+                                     Reply(454, "4.7.0", "Temporary authentication failure")])
+def test_auth_refused_by_the_application(refusal: Reply) -> None:
+    client = auth_client()
+    client.send(PLAIN_IR, answer=lambda e: refusal)
+    assert client.replies() == [str(refusal)]
+    assert client.engine.authenticated is None and not client.engine.closed
+    assert client.reply_to(auth_line("AUTH PLAIN " + b64("\0user\0wrong")),
+                           password_check)[0].startswith("535 5.7.8")
+    assert client.reply_to(PLAIN_IR, password_check) == [OK_235]
+
+
+def test_auth_answered_421_closes() -> None:
+    client = auth_client()
+    events = client.send(PLAIN_IR + b"NOOP\r\n",
+                         answer=lambda e: Reply(421, "4.7.0", "Too many failed logins"))
+    assert kinds(events) == ["Authenticate"]
+    assert client.replies() == ["421 4.7.0 Too many failed logins"]
+    assert client.engine.closed and client.engine.authenticated is None
+
+
+def test_auth_required_before_mail() -> None:
+    client = auth_client(auth_required=True)
+    events = client.send(b"MAIL FROM:<a@x.example>\r\n")
+    assert refusals(events) == [("MAIL", 530)]
+    assert client.replies() == ["530 5.7.0 Authentication required"]
+    client.send(PLAIN_IR)
+    client.replies()
+    assert client.reply_to(b"MAIL FROM:<a@x.example>\r\nRSET\r\nMAIL FROM:<a@x.example>\r\n") \
+        == ["250 2.1.0 Sender OK", "250 2.0.0 Reset OK", "250 2.1.0 Sender OK"]
+    assert client.engine.authenticated == "user"  # RSET keeps it
+
+
+def test_pipelined_auth_and_mail_waits_for_the_auth_answer() -> None:
+    client = auth_client(auth_required=True)
+    engine = client.engine
+    engine.receive(PLAIN_IR + b"MAIL FROM:<a@x.example>\r\n")
+    assert engine.next_event() == Authenticate("PLAIN", "user", "secret", "")
+    assert engine.next_event() is None  # the MAIL waits for the answer
+    engine.accept()
+    event = engine.next_event()
+    assert isinstance(event, MailFrom)
+    engine.accept()
+    assert parse_replies(engine.data_to_send()) == [OK_235, "250 2.1.0 Sender OK"]
+
+
+def test_mail_auth_parameter() -> None:
+    client = auth_client()
+    events = client.send(b"MAIL FROM:<a@x.example> AUTH=<>\r\n")
+    assert isinstance(events[0], MailFrom) and events[0].params.auth == "<>"
+    client.send(b"RSET\r\n")
+    events = client.send(b"MAIL FROM:<a@x.example> AUTH=e+2Bf@x.example\r\n")
+    assert isinstance(events[0], MailFrom) and events[0].params.auth == "e+2Bf@x.example"
+    client.send(b"RSET\r\n")
+    client.replies()
+    assert client.reply_to(b"MAIL FROM:<a@x.example> AUTH=a\x01b\r\n")[0].startswith("501 5.5.4")
+    plain = Client()
+    plain.ehlo()
+    assert plain.reply_to(b"MAIL FROM:<a@x.example> AUTH=<>\r\n")[0].startswith("555 5.5.4")
+
+
+def test_help_lists_auth_when_offered() -> None:
+    assert "STARTTLS AUTH" in auth_client().reply_to(b"HELP\r\n")[0]
+    assert "AUTH" not in Client(auth_mechanisms=("PLAIN",)).reply_to(b"HELP\r\n")[0]
+
+
+def test_password_never_in_events_replies_or_repr() -> None:
+    client = auth_client()
+    events = client.send(PLAIN_IR)
+    assert "secret" not in repr(events)
+    # A refused AUTH whose pipelined responses are then read as commands: the stray
+    # lines are reported as "?", never by their text.
+    client = auth_client(auth_mechanisms=("PLAIN",))
+    secret = b64("\0user\0hunter2hunter2")
+    events = client.send(f"AUTH LOGIN\r\n{secret}\r\n{secret}x\r\n".encode())
+    assert refusals(events) == [("AUTH", 504), ("?", 500), ("?", 500)]
+    out = "".join(client.replies())
+    assert secret[:8] not in out and secret[:8] not in repr(events)
+    assert refusals(client.send(b"XYZZY\r\n")) == [("?", 500)]
+    client.send(b"NOOP\r\n")
+    assert refusals(client.send(b"XYZZY\r\n")) == [("XYZZY", 421)]
+
+
 # --- properties --------------------------------------------------------------------------
 
 SNIPPETS = [
@@ -832,3 +1151,19 @@ def test_arbitrary_input_never_raises_and_replies_are_well_formed(
             parse_replies(out)  # asserts every line matches ^[2-5]\d\d[ -]
     if client.engine.closed:
         assert client.send(b"NOOP\r\n") == []
+
+
+AUTH_SNIPPETS = [*SNIPPETS, PLAIN_IR, b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n", b"AUTH LOGIN =\r\n",
+                 b"dXNlcg==\r\n", b"AHVzZXIAc2VjcmV0\r\n", b"*\r\n", b"AUTH\r\n",
+                 b"MAIL FROM:<a@x.example> AUTH=<>\r\n"]
+
+
+@PROPERTY
+@given(st.lists(st.one_of(st.sampled_from(AUTH_SNIPPETS), st.binary(max_size=30)), max_size=25),
+       st.booleans())
+def test_arbitrary_input_with_auth_never_raises(parts: list[bytes], required: bool) -> None:
+    client = Client(**AUTH, auth_required=required, max_message_size=64, tls_available=True)
+    for part in parts:
+        _answer_everything(client, part)
+        parse_replies(client.engine.data_to_send())
+        assert client.engine.mode is not Mode.AUTH or client.engine._sasl is not None

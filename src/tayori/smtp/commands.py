@@ -6,11 +6,13 @@ Promises: :func:`parse_command` gives ``(verb, argument)`` with the verb upper-c
 :func:`parse_mail_params` / :func:`parse_rcpt_params` give frozen parameter records or
 raise :class:`ParamError` carrying the exact reply (501 for a bad value, 555 for a
 parameter that was not offered). Values are validated, and stored as the client sent
-them (ENVID and ORCPT stay xtext), so they can be passed on and reported unchanged.
+them (ENVID, ORCPT and AUTH stay xtext), so they can be passed on and reported unchanged.
+MAIL's AUTH= (``MailParams.auth``, ``<>`` or an xtext address) is only parsed here: the
+session decides whether to trust it (tayori ignores it from unauthenticated clients).
 Failure policy: pure functions; malformed input raises, never returns a partial value.
 Standards: RFC 5321 §4.1.1, §4.1.2; RFC 1870 (SIZE); RFC 6152 (8BITMIME); RFC 3030
 (BINARYMIME); RFC 3461 (DSN: RET, ENVID, NOTIFY, ORCPT); RFC 6531 (SMTPUTF8);
-RFC 6533 (utf-8 ORCPT address type).
+RFC 6533 (utf-8 ORCPT address type); RFC 4954 §5 (AUTH=).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tayori.errors import Reply
 
 MAX_ENVID = 100
 MAX_ORCPT = 500
+MAX_AUTH = 500
 _UTF8_ADDR_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e\u0080-\U0010ffff]"
                               r"|\\x\{[0-9A-F]{2,6}\})+\Z")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
@@ -43,6 +46,7 @@ class MailParams:
     smtputf8: bool = False
     ret: str | None = None
     envid: str | None = None
+    auth: str | None = None  # RFC 4954 §5, xtext as sent; "<>": the submitter is unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +85,7 @@ def split_params(text: str) -> dict[str, str | None]:
 def parse_mail_params(text: str, offered: frozenset[str], max_size: int) -> MailParams:
     params = split_params(text)
     _refuse_unoffered(params, offered, {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8",
-                                        "RET": "DSN", "ENVID": "DSN"})
+                                        "RET": "DSN", "ENVID": "DSN", "AUTH": "AUTH"})
     size = None
     if "SIZE" in params:
         size = _size(params["SIZE"], max_size)
@@ -99,10 +103,9 @@ def parse_mail_params(text: str, offered: frozenset[str], max_size: int) -> Mail
         ret = (params["RET"] or "").upper()
         if ret not in ("FULL", "HDRS"):
             raise ParamError(Reply(501, "5.5.4", "RET must be FULL or HDRS"))
-    envid = params.get("ENVID")
-    if "ENVID" in params and (not envid or len(envid) > MAX_ENVID or not is_xtext(envid)):
-        raise ParamError(Reply(501, "5.5.4", "ENVID must be xtext of at most 100 characters"))
-    return MailParams(size=size, body=body, smtputf8="SMTPUTF8" in params, ret=ret, envid=envid)
+    return MailParams(size=size, body=body, smtputf8="SMTPUTF8" in params, ret=ret,
+                      envid=_xtext(params, "ENVID", MAX_ENVID),
+                      auth=_xtext(params, "AUTH", MAX_AUTH))
 
 
 def parse_rcpt_params(text: str, offered: frozenset[str], smtputf8: bool) -> RcptParams:
@@ -132,6 +135,14 @@ def _size(value: str | None, max_size: int) -> int:
     if max_size and size > max_size:
         raise ParamError(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
     return size
+
+
+def _xtext(params: dict[str, str | None], key: str, limit: int) -> str | None:
+    value = params.get(key)
+    if key in params and (not value or len(value) > limit or not is_xtext(value)):
+        raise ParamError(Reply(501, "5.5.4",
+                               f"{key} must be xtext of at most {limit} characters"))
+    return value
 
 
 def _notify(value: str) -> tuple[str, ...]:

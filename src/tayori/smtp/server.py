@@ -7,24 +7,45 @@ Promises: framing, syntax and sequence are settled here, once, for every transpo
   verbs, ESMTP parameters) and answered by the engine when the answer needs no policy;
 - an event (:class:`Hello`, :class:`MailFrom`, :class:`RcptTo`, :class:`MessageBegin`,
   :class:`MessageData`, :class:`ChunkEnd`, :class:`MessageEnd`, :class:`StartTls`,
-  :class:`Verify`) is raised where the application decides, and the engine waits for
-  its answer before it reads further (replies keep the order of commands);
+  :class:`Verify`, :class:`Authenticate`) is raised where the application decides, and
+  the engine waits for its answer before it reads further (replies keep the order of
+  commands);
 - the envelope (:attr:`ServerEngine.transaction`) is what the engine saw accepted;
 - DATA and BDAT content is streamed out in chunks, never collected whole;
 - replies are buffered and handed out by :meth:`data_to_send`, so a pipelined batch
-  gets its replies in one write (RFC 2920).
+  gets its replies in one write (RFC 2920);
+- SMTP AUTH (``Settings.auth_mechanisms``; mechanisms from :mod:`tayori.smtp.sasl`) is
+  offered in EHLO only when usable: on TLS, or anywhere with ``auth_without_tls``. The
+  engine refuses AUTH itself when it is not configured (502), before EHLO, after a
+  successful AUTH or in a transaction (503), without TLS (538 5.7.11), for a mechanism
+  not offered (504). During the exchange lines are responses, not commands (pipelined
+  lines after AUTH are the responses, in order); ``*`` cancels (501 5.0.0), bad base64
+  or a malformed message is 501 5.5.2, a line over 12288 octets 500 5.5.6. Once a
+  mechanism has the credentials the engine raises :class:`Authenticate`: accept() sends
+  ``235 2.7.0`` and sets :attr:`ServerEngine.authenticated`; any other reply (535 5.7.8,
+  454 4.7.0) leaves the session unauthenticated, and 421 closes it. The engine drops
+  its references to the password once the event is taken, and the password is in no
+  reply, no :class:`Refused` event and no repr (unknown commands right after AUTH are
+  reported as ``?``, in case they are stray responses). With ``auth_required`` (a
+  submission listener) MAIL before AUTH is refused ``530 5.7.0``. STARTTLS clears the
+  authentication, RSET does not. MAIL's ``AUTH=`` parameter is parsed into
+  ``MailParams.auth`` (xtext, as sent); whether to trust it is the application's choice
+  (tayori ignores it from unauthenticated clients, RFC 4954 §5).
 Engine-made refusals are reported as :class:`Refused` events (for the operator log)
 with the reply already queued. After STARTTLS is accepted every byte still buffered is
 discarded (RFC 3207 §4.2, the command-injection defence). A bare CR or LF anywhere ends
 the session with 521 (as Postfix's smtpd_forbid_bare_newline), so no SMTP smuggling.
 Failure policy: no exception escapes for bad input; :attr:`closed` tells the transport
 to close once :meth:`data_to_send` is written.
-Standards: RFC 5321, RFC 1869/1870/2034/2920/3030/3207/3461/6152/6531.
+Standards: RFC 5321, RFC 1869/1870/2034/2920/3030/3207/3461/6152/6531; RFC 4954 (AUTH)
+with RFC 4616 (PLAIN) and draft-murchison-sasl-login (LOGIN) via :mod:`tayori.smtp.sasl`.
 """
 
 from __future__ import annotations
 
+from base64 import b64encode
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum, auto
 
@@ -39,6 +60,17 @@ from tayori.smtp.commands import (
     parse_rcpt_params,
 )
 from tayori.smtp.framing import MAX_LINE, ContentState, DotReader, LineChecker
+from tayori.smtp.sasl import (
+    MAX_RESPONSE,
+    MECHANISMS,
+    Challenge,
+    Credentials,
+    Mechanism,
+    SaslError,
+    Step,
+    decode_initial,
+    decode_response,
+)
 
 COMMAND_LINE_LIMIT = 512
 # RFC 1870 (+26), RFC 3461 (+100 MAIL, +500 RCPT), RFC 4954 (+500 MAIL AUTH=), BODY, SMTPUTF8
@@ -65,6 +97,14 @@ class Settings:
     tls_available: bool = False
     tls_active: bool = False
     extensions: tuple[str, ...] = EXTENSIONS_ALL
+    auth_mechanisms: tuple[str, ...] = ()  # in EHLO order; empty: no AUTH at all
+    auth_without_tls: bool = False  # offer AUTH on a plaintext connection too
+    auth_required: bool = False  # a submission listener: no MAIL before AUTH
+
+    def __post_init__(self) -> None:
+        unknown = set(self.auth_mechanisms) - set(MECHANISMS)
+        if unknown:
+            raise ValueError(f"unknown SASL mechanisms: {', '.join(sorted(unknown))}")
 
 
 # --- events ---------------------------------------------------------------------------
@@ -132,6 +172,18 @@ class Verify:
 
 
 @dataclass(frozen=True, slots=True)
+class Authenticate:
+    """A SASL exchange gave credentials. Accept (235, :attr:`ServerEngine.authenticated`
+    becomes ``login``) or refuse (535 5.7.8 bad credentials, 454 4.7.0 try later, 421 to
+    close). ``authzid`` is empty unless the client asked to act as someone else."""
+
+    mechanism: str
+    login: str
+    password: str = field(repr=False)
+    authzid: str
+
+
+@dataclass(frozen=True, slots=True)
 class Refused:
     """Informational: the engine refused ``command`` with ``reply`` (already queued)."""
 
@@ -140,7 +192,7 @@ class Refused:
 
 
 Event = (Hello | MailFrom | RcptTo | MessageBegin | MessageData | ChunkEnd | MessageEnd
-         | StartTls | Verify | Refused)
+         | StartTls | Verify | Authenticate | Refused)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +217,7 @@ class Mode(Enum):
     DATA = auto()
     BDAT = auto()
     TLS_PENDING = auto()
+    AUTH = auto()
     CLOSED = auto()
 
 
@@ -179,6 +232,7 @@ class ServerEngine:
         self.mode = Mode.COMMAND
         self.closed = False
         self.quit = False  # the client said QUIT: a normal end
+        self.authenticated: str | None = None  # the login, after a successful AUTH
         self._buffer = bytearray()
         self._out: list[bytes] = []
         self._events: deque[Event] = deque()
@@ -191,6 +245,9 @@ class ServerEngine:
         self._bdat_checker: LineChecker | None = None
         self._bdat_failure: Reply | None = None
         self._bdat_state = ContentState()
+        self._sasl: Mechanism | None = None  # during an AUTH exchange
+        self._sasl_name = ""
+        self._after_auth = False  # the last known command was AUTH
 
     # --- the application's side -------------------------------------------------------
 
@@ -235,6 +292,7 @@ class ServerEngine:
         """The transport is now TLS: back to the initial state (RFC 3207 §4.2)."""
         self.settings = replace(self.settings, tls_active=True)
         self.helo, self.extended, self.transaction = None, False, None
+        self.authenticated, self._sasl, self._after_auth = None, None, False
         self._buffer.clear()
         self.mode = Mode.COMMAND
 
@@ -244,6 +302,7 @@ class ServerEngine:
         self.closed = True
         self.mode = Mode.CLOSED
         self._buffer.clear()
+        self._sasl = None
 
     @property
     def offered(self) -> frozenset[str]:
@@ -253,14 +312,19 @@ class ServerEngine:
     def _extensions(self) -> frozenset[str]:
         settings = self.settings
         starttls = settings.tls_available and not settings.tls_active
-        return frozenset(settings.extensions) | ({"STARTTLS"} if starttls else set())
+        auth = bool(settings.auth_mechanisms) and (settings.tls_active or settings.auth_without_tls)
+        return frozenset(settings.extensions) | ({"STARTTLS"} if starttls else set()) \
+            | ({"AUTH"} if auth else set())
 
     def ehlo_lines(self, client_name: str) -> list[str]:
         lines = [f"{self.settings.hostname} greets {client_name}"]
         for keyword in self.settings.extensions:
             lines.append(f"SIZE {self.settings.max_message_size}" if keyword == "SIZE" else keyword)
-        if "STARTTLS" in self._extensions():
+        extensions = self._extensions()
+        if "STARTTLS" in extensions:
             lines.append("STARTTLS")
+        if "AUTH" in extensions:
+            lines.append(" ".join(("AUTH", *self.settings.auth_mechanisms)))
         return lines
 
     # --- answers ------------------------------------------------------------------------
@@ -288,6 +352,8 @@ class ServerEngine:
                 return Reply(250, "2.0.0", f"{size} octets received")
             case StartTls():
                 return Reply(220, "2.0.0", "Ready to start TLS")
+            case Authenticate():
+                return Reply(235, "2.7.0", "Authentication successful")
             case _:
                 return OK
 
@@ -324,6 +390,9 @@ class ServerEngine:
                     self.mode = Mode.TLS_PENDING
                     self._buffer.clear()
                     return
+            case Authenticate(login=login):
+                if positive:
+                    self.authenticated = login
         self._send(reply)
         if reply.code in (421, 521):
             self.close()
@@ -351,14 +420,21 @@ class ServerEngine:
             return self._read_data()
         if self.mode is Mode.BDAT:
             return self._read_bdat()
+        if self.mode is Mode.AUTH:
+            return self._read_line(MAX_RESPONSE + 2, self._auth_response)
         return False
 
     def _read_command(self) -> bool:
+        return self._read_line(MAX_BUFFERED_LINE, self._command)
+
+    def _read_line(self, limit: int, handle: Callable[[bytes], None]) -> bool:
+        """Hand the next whole line (CRLF removed) to ``handle``; skip one too long."""
         buffer = self._buffer
         end = buffer.find(b"\n")
         if end < 0:
-            if len(buffer) > MAX_BUFFERED_LINE:
+            if len(buffer) > limit:
                 self.mode = Mode.SKIP_LINE
+                self._sasl = None  # a skipped AUTH response ends the exchange
                 buffer.clear()
                 return True
             return False
@@ -367,7 +443,7 @@ class ServerEngine:
         if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
             self._fatal_bare_newline("command")
             return True
-        self._command(line[:-2])
+        handle(line[:-2])
         return True
 
     def _skip_line(self) -> bool:
@@ -391,32 +467,35 @@ class ServerEngine:
         except UnicodeDecodeError:
             self._refuse("?", Reply(500, "5.5.2", "Command is not valid UTF-8"))
             return
+        handler = _HANDLERS.get(verb)
+        # A stray AUTH response read as a command must not reach the log: report it as ?.
+        name = verb if handler else "?" if self._after_auth else verb[:16]
         if len(line) + 2 > LINE_LIMITS.get(verb, COMMAND_LINE_LIMIT):
-            self._refuse(verb, Reply(500, "5.5.6", "Line too long"))
+            self._refuse(name, Reply(500, "5.5.6", "Line too long"))
             return
         if "\x00" in argument:
-            self._refuse(verb, Reply(501, "5.5.2", "NUL is not allowed in commands"))
+            self._refuse(name, Reply(501, "5.5.2", "NUL is not allowed in commands"))
             return
-        handler = _HANDLERS.get(verb)
         if handler is None:
-            self._unknown_command(verb, argument)
+            self._unknown_command(name, verb, argument)
             return
+        self._after_auth = verb == "AUTH"
         handler(self, argument)
 
-    def _unknown_command(self, verb: str, argument: str) -> None:
+    def _unknown_command(self, name: str, verb: str, argument: str) -> None:
         if verb in HTTP_VERBS or argument.rstrip().upper().startswith("HTTP/") \
                 or " HTTP/1." in argument:
             reply = Reply(502, "5.7.0", "This is an SMTP server, not HTTP; closing")
-            self._events.append(Refused(verb[:16], reply))
+            self._events.append(Refused(name, reply))
             self.close(reply)
             return
         self._unknown += 1
         if self._unknown > self.settings.max_unknown_commands:
             reply = Reply(421, "4.7.0", "Too many unknown commands, closing connection")
-            self._events.append(Refused(verb[:16], reply))
+            self._events.append(Refused(name, reply))
             self.close(reply)
             return
-        self._refuse(verb[:16], Reply(500, "5.5.1", "Unknown command"))
+        self._refuse(name, Reply(500, "5.5.1", "Unknown command"))
 
     def _raise(self, event: Event) -> None:
         self._events.append(event)
@@ -440,6 +519,9 @@ class ServerEngine:
     def _do_mail(self, argument: str) -> None:
         if self.helo is None:
             self._refuse("MAIL", Reply(503, "5.5.1", "Send HELO/EHLO first"))
+            return
+        if self.settings.auth_required and self.authenticated is None:
+            self._refuse("MAIL", Reply(530, "5.7.0", "Authentication required"))
             return
         if self.transaction is not None:
             self._refuse("MAIL", Reply(503, "5.5.1", "Nested MAIL command"))
@@ -617,8 +699,9 @@ class ServerEngine:
         self.close(BYE)
 
     def _do_help(self, argument: str) -> None:
+        auth = " AUTH" if "AUTH" in self._extensions() else ""
         self._send(Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP "
-                                       "QUIT VRFY HELP STARTTLS\nSee RFC 5321"))
+                                       f"QUIT VRFY HELP STARTTLS{auth}\nSee RFC 5321"))
 
     def _do_vrfy(self, argument: str) -> None:
         if not argument.strip():
@@ -641,6 +724,56 @@ class ServerEngine:
         else:
             self._buffer.clear()  # pipelined plaintext after STARTTLS is never obeyed
             self._raise(StartTls())
+
+    def _do_auth(self, argument: str) -> None:
+        words = argument.split()
+        refusal = self._auth_refusal(words)
+        if refusal is not None:
+            self._refuse("AUTH", refusal)
+            return
+        initial = decode_initial(words[1]) if len(words) == 2 else None
+        if isinstance(initial, SaslError):
+            self._refuse("AUTH", initial.reply)
+            return
+        self._sasl_name = words[0].upper()
+        self._sasl = MECHANISMS[self._sasl_name]()
+        self._auth_step(self._sasl.start(initial))
+
+    def _auth_refusal(self, words: list[str]) -> Reply | None:
+        settings = self.settings
+        if not settings.auth_mechanisms:
+            return Reply(502, "5.5.1", "AUTH is not available")
+        if not self.extended:
+            return Reply(503, "5.5.1", "Send EHLO first")
+        if self.authenticated is not None:
+            return Reply(503, "5.5.1", "Already authenticated")
+        if self.transaction is not None:
+            return Reply(503, "5.5.1", "Mail transaction in progress")
+        if not (settings.tls_active or settings.auth_without_tls):
+            return Reply(538, "5.7.11", "Encryption required for requested authentication "
+                                        "mechanism")
+        if not 1 <= len(words) <= 2:
+            return Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        if words[0].upper() not in settings.auth_mechanisms:
+            return Reply(504, "5.5.4", "Unrecognized authentication type")
+        return None
+
+    def _auth_response(self, line: bytes) -> None:
+        assert self._sasl is not None
+        data = decode_response(line)
+        self._auth_step(data if isinstance(data, SaslError) else self._sasl.respond(data))
+
+    def _auth_step(self, step: Step) -> None:
+        """Send a challenge and wait in AUTH mode, or end the exchange."""
+        if isinstance(step, Challenge):
+            self.mode = Mode.AUTH
+            self._send(Reply(334, None, b64encode(step.data).decode("ascii")))
+            return
+        self.mode, self._sasl = Mode.COMMAND, None
+        if isinstance(step, Credentials):
+            self._raise(Authenticate(self._sasl_name, step.login, step.password, step.authzid))
+        else:
+            self._refuse("AUTH", step.reply)
 
 
 def _content_error(state: ContentState) -> Reply | None:
@@ -680,4 +813,5 @@ _HANDLERS = {
     "VRFY": ServerEngine._do_vrfy,
     "EXPN": ServerEngine._do_expn,
     "STARTTLS": ServerEngine._do_starttls,
+    "AUTH": ServerEngine._do_auth,
 }
