@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import ssl
@@ -58,7 +59,7 @@ class Receiver:
         self.rules = Rules(config)
         self.local = LocalRecipients(config)
         self.connections = connections or ConnectionTable(1)
-        self._tls: dict[str, ssl.SSLContext] = {}
+        self._tls: dict[str, tls.CertificateChoice] = {}
         self._sockets: list[tuple[Listener, socket.socket]] = []
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -83,13 +84,15 @@ class Receiver:
             max_errors=config.limits.max_errors,
             max_unknown_commands=config.limits.max_unknown_commands,
             tls_available=listener.name in self._tls,
+            tls_active=listener.implicit_tls,
             extensions=tuple(e for e in EXTENSIONS_ALL if e not in disabled))
 
     def tls_context(self, listener: Listener) -> ssl.SSLContext | None:
-        return self._tls.get(listener.name)
+        choice = self._tls.get(listener.name)
+        return None if choice is None else choice.default
 
     def _load_tls(self, config: Config) -> None:
-        contexts = {}
+        choices = {}
         for index, item in enumerate(config.listen):
             if not item.starttls:
                 continue
@@ -98,13 +101,22 @@ class Receiver:
                 cert, key = tls.self_signed(os.path.join(config.spool, "tls"), config.hostname)
             settings = tls.TlsSettings(item.tls_min_version, item.tls_ciphers,
                                        item.tls_client_certs, item.tls_client_ca)
-            context = tls.server_context(cert, key, settings)
-            tls.add_sni(context, [
+            name = _name(index, item)
+            default = tls.server_context(cert, key, settings)
+            default.sni_callback = functools.partial(self._choose_certificate, name)
+            choices[name] = tls.CertificateChoice(default, tuple(
                 (extra.names or tls.certificate_names(extra.cert),
                  tls.server_context(extra.cert, extra.key, settings))
-                for extra in config.certificates])
-            contexts[_name(index, item)] = context
-        self._tls = contexts
+                for extra in config.certificates))
+        self._tls = choices
+
+    def _choose_certificate(self, listener: str, connection: ssl.SSLObject,
+                            server_name: str | None, _: ssl.SSLContext) -> None:
+        """SNI: the certificate for the name asked, from the contexts loaded now (a
+        reload changes them for listeners whose server keeps its first context)."""
+        choice = self._tls.get(listener)
+        if choice is not None:
+            connection.context = choice.context_for(server_name)
 
     def reload(self, config: Config) -> None:
         """Use ``config`` for new sessions. Raises TlsSetupError, keeping the old one."""
@@ -141,8 +153,10 @@ class Receiver:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for listener, sock in self._sockets:
-            server = await loop.create_server(lambda lis=listener: Session(self, lis),  # type: ignore[misc]
-                                              sock=sock, start_serving=True)
+            implicit = self.tls_context(listener) if listener.implicit_tls else None
+            server = await loop.create_server(
+                functools.partial(Session, self, listener), sock=sock, start_serving=True,
+                ssl=implicit, ssl_handshake_timeout=30 if implicit else None)
             self._servers.append(server)
             maillog.event("listening", listener=listener.name,
                           address=f"[{listener.host}]:{listener.port}")

@@ -100,8 +100,7 @@ class Session(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = self.transport.get_extra_info("peername") or ("", 0)
         self.client_ip, self.client_port = str(peer[0]), int(peer[1])
-        if self.listener.implicit_tls:   # the ClientHello is for the TLS layer, not for us
-            self.transport.pause_reading()
+        self.tls = info_of(self.transport.get_extra_info("ssl_object"))   # smtps
         self._task = asyncio.get_running_loop().create_task(self._run())
         self.receiver.track(self._task)
 
@@ -157,12 +156,12 @@ class Session(asyncio.Protocol):
     async def _start(self) -> bool:
         if self._proxy_buffer is not None and not await self._read_proxy_header():
             return False
-        if self.listener.implicit_tls and not await self._implicit_tls():
-            return False
         refusal = self.receiver.admit(self)
         self._admitted = refusal is None
         maillog.event("connect", session=self.id, client=f"[{self.client_ip}]:{self.client_port}",
                       listener=self.listener.name)
+        if self.tls is not None:
+            maillog.event("tls", session=self.id, info=self.tls.describe())
         if refusal is not None:
             maillog.event("reject", session=self.id, client=self.client_ip,
                           reply=str(refusal))
@@ -229,14 +228,6 @@ class Session(asyncio.Protocol):
             self._readable.set()
         else:
             self._idle_timer = loop.call_at(self._deadline, self._on_idle_timer)
-
-    async def _implicit_tls(self) -> bool:
-        """``smtps``: the TLS handshake before the greeting (RFC 8314 §3.3)."""
-        context = self.receiver.tls_context(self.listener)
-        if context is None:
-            return False
-        await self._upgrade(context)
-        return self.tls is not None
 
     async def _read_proxy_header(self) -> bool:
         buffer = self._proxy_buffer

@@ -6,11 +6,12 @@ Takes: a listener's certificate and key (PEM files), or none; its TLS settings
 Promises: :func:`server_context` gives an ``ssl.SSLContext`` with TLS 1.2 (or 1.3) as
 the minimum, forward-secret AEAD ciphers only for TLS 1.2 (:data:`DEFAULT_CIPHERS`,
 unless configured), no compression, the server's cipher order; with client
-certificates asked for, verified against the configured CAs. :func:`add_sni` makes a
-context hand over to another certificate's context when the client asks for one of its
-names (exact, or ``*.example.org`` for one label). With no files configured,
-:func:`self_signed` creates (once, mode 0600) and reuses an ECDSA P-256 certificate for
-the host name under ``<spool>/tls/``, so the embedded default can offer STARTTLS.
+certificates asked for, verified against the configured CAs. :class:`CertificateChoice`
+picks another certificate's context when the client asks for one of its names (exact,
+or ``*.example.org`` for one label); the listener installs it as the SNI callback.
+With no files configured, :func:`self_signed` creates (once, mode 0600) and reuses an
+ECDSA P-256 certificate for the host name under ``<spool>/tls/``, so the embedded
+default can offer STARTTLS.
 Contexts are built anew on every reload (SIGHUP), so renewed certificates are used by
 new sessions.
 Failure policy: unreadable or mismatched files, or a cipher list OpenSSL refuses, raise
@@ -119,20 +120,20 @@ def server_context(cert: str, key: str, settings: TlsSettings = TlsSettings()
     return context
 
 
-def add_sni(context: ssl.SSLContext,
-            alternatives: list[tuple[tuple[str, ...], ssl.SSLContext]]) -> None:
-    """Serve another certificate to clients that ask for one of its names."""
-    if not alternatives:
-        return
+@dataclass(frozen=True, slots=True)
+class CertificateChoice:
+    """A listener's context and the ``[[certificate]]`` contexts with their names."""
 
-    def choose(connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
-        if name:
-            for names, other in alternatives:
-                if any(name_matches(pattern, name) for pattern in names):
-                    connection.context = other
-                    return
+    default: ssl.SSLContext
+    alternatives: tuple[tuple[tuple[str, ...], ssl.SSLContext], ...] = ()
 
-    context.sni_callback = choose
+    def context_for(self, server_name: str | None) -> ssl.SSLContext:
+        """The context whose certificate serves ``server_name`` (SNI; None: none sent)."""
+        if server_name:
+            for names, other in self.alternatives:
+                if any(name_matches(pattern, server_name) for pattern in names):
+                    return other
+        return self.default
 
 
 def name_matches(pattern: str, name: str) -> bool:
