@@ -39,13 +39,16 @@ def test_embedded_default_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.chdir(tmp_path)
     config = load(None)
     assert config.file == "(embedded default)"
-    assert [listener.address for listener in config.listen] == [("127.0.0.1", 2525)]
+    assert [(listener.address, listener.mode) for listener in config.listen] == [
+        (("127.0.0.1", 2525), "smtp"), (("127.0.0.1", 2587), "submission")]
     assert config.spool == str(tmp_path / "var" / "spool")
+    assert config.auth.users == str(tmp_path / "var" / "users")
     assert config.hostname
     assert set(config.actions) == {"local", "remote"}
     assert config.actions["local"].path == str(tmp_path / "var/mail/{domain}/{user}")
     assert [(rule.sender, rule.to, rule.action) for rule in config.match] == [
-        ("any", "local_domains", "local"), ("trusted_networks", "any", "remote")]
+        ("any", "local_domains", "local"), ("trusted_networks", "any", "remote"),
+        ("authenticated", "any", "remote")]
     assert config.tables["trusted_networks"].entries == ("127.0.0.0/8", "::1/128")
     assert config.limits.max_message_size == 50 * 1024 * 1024
     assert config.limits.command_timeout == 300.0

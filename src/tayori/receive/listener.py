@@ -10,8 +10,10 @@ closed; :meth:`Receiver.drain` stops accepting, lets sessions finish for
 swaps in a new config for new sessions (SIGHUP) while running sessions keep theirs.
 Failure policy: a TLS file that cannot be loaded stops start-up (TlsSetupError); on
 reload the old contexts stay.
-Config keys: ``listen``, ``limits.max_connections``, ``limits.max_connections_per_ip``,
-``limits.drain_timeout``, ``smtp.*``.
+A listener that offers AUTH refuses a client banned for password guessing with ``421
+4.7.0`` at connect (:mod:`tayori.policy.authentication`).
+Config keys: ``listen``, ``certificate``, ``auth``, ``limits.max_connections``,
+``limits.max_connections_per_ip``, ``limits.drain_timeout``, ``smtp.*``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from dataclasses import dataclass
 
 from tayori import maillog
 from tayori.config import Config, ListenConfig
+from tayori.config.model import AUTH_MODES
 from tayori.errors import Reply
+from tayori.policy.authentication import Authenticator
 from tayori.policy.relay import Rules
 from tayori.queue.spool import Spool
 from tayori.receive import tls
@@ -58,6 +62,7 @@ class Receiver:
         self.config = config
         self.rules = Rules(config)
         self.local = LocalRecipients(config)
+        self.authenticator = Authenticator(config.auth)
         self.connections = connections or ConnectionTable(1)
         self._tls: dict[str, tls.CertificateChoice] = {}
         self._sockets: list[tuple[Listener, socket.socket]] = []
@@ -85,6 +90,9 @@ class Receiver:
             max_unknown_commands=config.limits.max_unknown_commands,
             tls_available=listener.name in self._tls,
             tls_active=listener.implicit_tls,
+            auth_mechanisms=config.auth.mechanisms if listener.config.offers_auth else (),
+            auth_without_tls=listener.config.auth_without_tls,
+            auth_required=listener.config.mode in AUTH_MODES,
             extensions=tuple(e for e in EXTENSIONS_ALL if e not in disabled))
 
     def tls_context(self, listener: Listener) -> ssl.SSLContext | None:
@@ -123,6 +131,7 @@ class Receiver:
         self._load_tls(config)
         self.rules = Rules(config)
         self.local = LocalRecipients(config)
+        self.authenticator.update(config.auth)
         self.config = config
         bound = {(lis.host, lis.port) for lis, _ in self._sockets}
         wanted = {item.address for item in config.listen}
@@ -177,6 +186,10 @@ class Receiver:
         return "S" if table.workers == 1 else f"S{table.worker}."
 
     def admit(self, session: Session) -> Reply | None:
+        if session.listener.config.offers_auth:
+            banned = self.authenticator.ban(session.client_ip)
+            if banned is not None:
+                return banned
         limits = self.config.limits
         total, from_client = self.connections.counts(session.client_ip)
         if total >= limits.max_connections:

@@ -10,6 +10,10 @@ returned (DESIGN §2.1); the queue id is in the 250 reply, the Received header a
 log line of the message. At RCPT a recipient needs a match rule (else ``554 5.7.1``),
 must exist when its action has local tables (else ``550 5.1.1``,
 :mod:`tayori.route.local`) and must not have a full mailbox (else ``452 4.2.2``).
+AUTH (where the listener offers it) is answered by
+:class:`~tayori.policy.authentication.Authenticator`: a login makes the client
+``authenticated`` for the match rules, its MAIL FROM must be one of its own addresses
+(``553 5.7.1``), and its Received header says ``ESMTPSA``; a password is never logged.
 Failure policy: a disk error while receiving answers ``452 4.3.1`` and the session goes on;
 an unexpected exception answers ``451 4.3.0`` (never its text) and closes; idle clients
 get ``421 4.4.2`` after ``limits.command_timeout`` / ``limits.data_timeout``.
@@ -36,6 +40,7 @@ from tayori.receive import proxy
 from tayori.receive.tls import TlsInfo, info_of
 from tayori.receive.trace import HeaderScanner, protocol_name, received_header
 from tayori.smtp.server import (
+    Authenticate,
     ChunkEnd,
     Event,
     Hello,
@@ -295,14 +300,31 @@ class Session(asyncio.Protocol):
     async def _on_mail(self, event: MailFrom) -> None:
         self._actions = []
         sender = str(event.sender) if event.sender else "<>"
+        login = self.engine.authenticated
+        if login is not None:
+            refusal = await self.receiver.authenticator.sender_refusal(
+                login, str(event.sender) if event.sender else "")
+            if refusal is not None:
+                self._refused("MAIL", refusal, sender=sender, login=login)
+                self.engine.reply(refusal)
+                return
         maillog.event("mail", session=self.id, sender=sender,
                       size=event.params.size, body=event.params.body)
         self.engine.accept()
 
+    async def _on_authenticate(self, event: Authenticate) -> None:
+        reply = await self.receiver.authenticator.login(
+            self.id, self.client_ip, event.mechanism, event.login, event.password)
+        if reply.code == 235:
+            self.engine.accept()
+        else:
+            self.engine.reply(reply)
+
     async def _on_rcpt(self, event: RcptTo) -> None:
         recipient = event.recipient
         domain = recipient.ascii_domain or self.config.hostname  # <Postmaster>: this host
-        action = self.receiver.rules.route(self.client_ip, False, domain)
+        action = self.receiver.rules.route(self.client_ip, self.engine.authenticated is not None,
+                                           domain)
         if action is None:
             self._refused("RCPT", RELAY_DENIED, recipient=str(recipient))
             self.engine.reply(RELAY_DENIED)
@@ -399,6 +421,8 @@ class Session(asyncio.Protocol):
                 await self._on_starttls(event)
             case Verify():
                 await self._on_verify(event)
+            case Authenticate():
+                await self._on_authenticate(event)
             case Refused():
                 await self._on_refused(event)
 
@@ -436,7 +460,8 @@ class Session(asyncio.Protocol):
     def _protocol(self) -> str:
         transaction = self.engine.transaction
         utf8 = bool(transaction and transaction.params.smtputf8)
-        return protocol_name(self.engine.extended, self.tls is not None, utf8)
+        return protocol_name(self.engine.extended, self.tls is not None, utf8,
+                             self.engine.authenticated is not None)
 
     async def _commit(self) -> None:
         draft, transaction = self._draft, self.engine.transaction

@@ -26,10 +26,12 @@ _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]
                          re.IGNORECASE | re.MULTILINE)
 
 
-def protocol_name(extended: bool, tls: bool, utf8: bool) -> str:
-    """The ``with`` keyword: SMTP, ESMTP, ESMTPS, UTF8SMTPS... (RFC 3848, 6531)."""
+def protocol_name(extended: bool, tls: bool, utf8: bool, authenticated: bool = False) -> str:
+    """The ``with`` keyword: SMTP, ESMTP, ESMTPS, ESMTPSA, UTF8SMTPS... (RFC 3848, 6531)."""
     base = "UTF8SMTP" if utf8 else "ESMTP" if extended else "SMTP"
-    return base + ("S" if tls and (extended or utf8) else "")
+    if not (extended or utf8):
+        return base
+    return base + ("S" if tls else "") + ("A" if authenticated else "")
 
 
 def received_header(*, helo: str, client_ip: str, client_name: str | None, hostname: str,
