@@ -119,7 +119,7 @@ def _line_chunks(message: bytes, offset: int, chunk: int) -> Iterator[bytes | me
         target = pos + max(chunk, 2)
         eol = message.find(CRLF, target - 1) if target < size else -1
         end = size if eol < 0 else eol + 2
-        if end == size and not message.endswith(CRLF):
+        if end == size and (end - pos < 2 or not message.endswith(CRLF)):  # a CRLF of the body
             yield bytes(view[pos:end]) + CRLF
         else:
             yield view[pos:end]

@@ -12,7 +12,8 @@ breaking only where folding whitespace is allowed, with ``b=`` on lines of its o
 Failure policy: a malformed list (a tag name that is not ``ALPHA *(ALPHA / DIGIT / "_")``,
 a tag without ``=``, a duplicate tag, a control character or a bare CR/LF in a value,
 invalid UTF-8) raises :class:`TagListError`; empty tag-specs (``;;``, a trailing ``;``)
-are tolerated.
+are tolerated, unless ``strict`` (RFC 6376 §3.2's grammar: one trailing ``;`` only, as
+ARC validators read it).
 Config keys: none.
 Standards: RFC 6376 §3.2 (tag=value lists), §3.5 (``b=`` blanked for hashing); RFC 8616
 (UTF-8 in tag values); RFC 8617 §4.1 (ARC uses the same lists).
@@ -44,7 +45,7 @@ class _Spec:
     end: int  # the ";" ending the spec, or the end of the list
 
 
-def _specs(data: bytes) -> Iterator[_Spec]:
+def _specs(data: bytes, strict: bool = False) -> Iterator[_Spec]:
     start = 0
     while start <= len(data):
         end = data.find(b";", start)
@@ -58,13 +59,15 @@ def _specs(data: bytes) -> Iterator[_Spec]:
             if not _TAG_NAME.match(name):
                 raise TagListError(f"malformed tag name: {_show(name)}")
             yield _Spec(name, start + equals + 1, end)
+        elif strict and end < len(data):
+            raise TagListError("empty tag-spec (';;' or a leading ';')")
         start = end + 1
 
 
-def parse_tag_list(data: bytes) -> dict[str, str]:
+def parse_tag_list(data: bytes, *, strict: bool = False) -> dict[str, str]:
     """The tags of ``data`` in order of appearance; see the module docstring."""
     tags: dict[str, str] = {}
-    for spec in _specs(data):
+    for spec in _specs(data, strict):
         name = spec.name.decode("ascii")
         if name in tags:
             raise TagListError(f"duplicate tag {name}=")
