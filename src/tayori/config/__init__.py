@@ -83,10 +83,12 @@ def _resolved(config: Config, base: str) -> Config:
     actions = {name: dataclasses.replace(action, path=absolute(action.path))
                for name, action in config.actions.items()}
     log = dataclasses.replace(config.log, file=absolute(config.log.file))
+    greylist = dataclasses.replace(config.greylist, path=absolute(config.greylist.path) or
+                                   os.path.join(absolute(config.spool), "greylist.sqlite3"))
     auth = dataclasses.replace(config.auth, users=absolute(config.auth.users),
                                sqlite=absolute(config.auth.sqlite),
                                senders=absolute(config.auth.senders),
                                ldap_ca_file=absolute(config.auth.ldap_ca_file))
     return dataclasses.replace(config, spool=absolute(config.spool), listen=listeners,
                                certificates=certificates, actions=actions, log=log,
-                               auth=auth)
+                               auth=auth, greylist=greylist)

@@ -15,6 +15,7 @@ import ipaddress
 import os
 import socket
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from tayori.config.schema import (
     DURATION_LIST,
     INT,
     PATH,
+    RATE,
     SIZE,
     STRING,
     STRING_LIST,
@@ -37,6 +39,7 @@ from tayori.config.schema import (
     required,
     setting,
 )
+from tayori.policy.dnsbl import Kind, zone_from_text
 from tayori.route.aliases import AliasError, parse_aliases
 
 
@@ -231,6 +234,70 @@ class LimitsConfig:
     drain_timeout: float = setting(30.0, DURATION, "On SIGTERM, how long running sessions may "
                                    "go on before they are closed with 421.",
                                    shown_default='"30s"')
+    max_messages_per_connection: int = setting(1000, POSITIVE, "Messages in one session; "
+                                               "the next MAIL gets 421 4.7.0 and the "
+                                               "session is closed.")
+    messages_per_sender: tuple[int, float] | None = setting(
+        None, RATE, "Messages one sender may send in a time (the login when authenticated, "
+        "else the MAIL FROM address): more get 450 4.7.1 until it has waited.",
+        shown_default='"" (no limit)')
+    recipients_per_sender: tuple[int, float] | None = setting(
+        None, RATE, "Recipients one sender may give in a time: more get 450 4.7.1.",
+        shown_default='"" (no limit)')
+    messages_per_client: tuple[int, float] | None = setting(
+        None, RATE, "Messages from one client address (IPv6: its /64) in a time.",
+        shown_default='"" (no limit)')
+    recipients_per_client: tuple[int, float] | None = setting(
+        None, RATE, "Recipients from one client address (IPv6: its /64) in a time.",
+        shown_default='"" (no limit)')
+
+
+def _zones(kind: Kind) -> Callable[[list[str]], tuple[str, ...]]:
+    def check(items: list[str]) -> tuple[str, ...]:
+        for item in items:
+            try:
+                zone_from_text(item, kind)
+            except ValueError as exc:
+                raise BadValue(str(exc)) from None
+        return tuple(items)
+    return check
+
+
+ZONES = checked(STRING_LIST, "list of zones", '["zone", "zone*2", "zone=127.0.0.2*3"]',
+                _zones("block"))
+ALLOW_ZONES = checked(STRING_LIST, "list of zones", '["zone", "zone=127.0.10.0/24"]',
+                      _zones("allow"))
+
+
+@dataclass(frozen=True, slots=True)
+class DnsblConfig:
+    zones: tuple[str, ...] = setting((), ZONES, 'Blocklists asked about each client of '
+                                     'an `smtp` listener at connect: `"zone"`, `"zone*WEIGHT"`, '
+                                     '`"zone=127.0.0.2,127.0.0.4/30*WEIGHT"` (the answers that '
+                                     'count). Listed: 554 5.7.1 naming the list. Trusted networks '
+                                     'and the other listeners are not checked.',
+                                     shown_default="[]")
+    allow: tuple[str, ...] = setting((), ALLOW_ZONES, "Allowlists (DNSWL): a client listed in one "
+                                     "is neither blocked nor greylisted.", shown_default="[]")
+    threshold: int = setting(1, POSITIVE, "The sum of the weights of the lists that name a "
+                             "client at which it is refused.")
+    time_limit: float = setting(5.0, DURATION, "Wait this long for the lists; one that has not "
+                                "answered is skipped (logged), never a reason to refuse.",
+                                shown_default='"5s"')
+
+
+@dataclass(frozen=True, slots=True)
+class GreylistConfig:
+    enabled: bool = setting(False, BOOL, "Defer (451 4.7.1) the first attempt of every (client "
+                            "network, sender, recipient) from untrusted clients of `smtp` "
+                            "listeners; a retry after `delay` passes.")
+    delay: float = setting(300.0, DURATION, "How long a new triplet waits.", shown_default='"5m"')
+    retry_window: float = setting(2 * 86400.0, DURATION, "A retry later than this starts over.",
+                                  shown_default='"2d"')
+    allow_time: float = setting(35 * 86400.0, DURATION, "A client network that passed is let "
+                                "through at once for this long.", shown_default='"35d"')
+    path: str = setting("", PATH, "Where the triplets are kept (survives restarts). Empty: "
+                        "`greylist.sqlite3` in the spool.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +307,12 @@ class SmtpConfig:
     smtputf8: bool = setting(True, BOOL, "Offer SMTPUTF8 (RFC 6531).")
     chunking: bool = setting(True, BOOL, "Offer CHUNKING and BINARYMIME (RFC 3030).")
     dsn: bool = setting(True, BOOL, "Offer DSN (RFC 3461).")
+    helo_syntax: bool = setting(False, BOOL, "Refuse (501 5.5.2) an EHLO/HELO name that is "
+                                "not a fully qualified domain or an address literal, from "
+                                "untrusted clients of `smtp` listeners.")
+    fcrdns: str = setting("off", enum("off", "log", "reject"), "Forward-confirmed reverse DNS "
+                          "of untrusted clients of `smtp` listeners: `log` it, or `reject` "
+                          "their mail (550 5.7.25; 450 4.7.25 when DNS fails) at MAIL.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +483,8 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    dnsbl: DnsblConfig = field(default_factory=DnsblConfig)
+    greylist: GreylistConfig = field(default_factory=GreylistConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
@@ -420,7 +495,7 @@ class Config:
 
 TOP_LEVEL = ("hostname", "spool", "user", "workers")
 SECTIONS = {"log": LogConfig, "limits": LimitsConfig, "smtp": SmtpConfig, "auth": AuthConfig,
-            "queue": QueueConfig,
+            "dnsbl": DnsblConfig, "greylist": GreylistConfig, "queue": QueueConfig,
             "delivery": DeliveryConfig, "dns": DnsConfig}
 
 

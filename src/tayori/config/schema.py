@@ -115,6 +115,20 @@ def _duration_list(value: Any) -> tuple[float, ...]:
     return tuple(_duration(item) for item in items)
 
 
+def _rate(value: Any) -> tuple[int, float] | None:
+    """``"100/1h"``: at most 100 in any hour (a token bucket); ``""``: no limit."""
+    text = _string(value).strip()
+    if not text:
+        return None
+    count, sep, per = text.partition("/")
+    if not sep or not count.strip().isdigit() or int(count) < 1:
+        raise BadValue(f"{value!r} is not COUNT/DURATION")
+    seconds = _duration(per.strip())
+    if seconds <= 0:
+        raise BadValue(f"{value!r}: the duration must be positive")
+    return int(count), seconds
+
+
 STRING = Kind("string", "a string", _string)
 BOOL = Kind("boolean", "true or false", _boolean)
 INT = Kind("integer", "a whole number >= 0", _integer)
@@ -125,6 +139,7 @@ DURATION_LIST = Kind("list of durations", 'a non-empty list of durations, e.g. [
                      _duration_list)
 STRING_LIST = Kind("list of strings", "a list of strings", _string_list)
 PATH = Kind("path", "a file or directory path", _string)
+RATE = Kind("rate", '"COUNT/DURATION", e.g. "100/1h"; "" for no limit', _rate)
 
 
 def enum(*choices: str) -> Kind:

@@ -157,6 +157,20 @@ class DnsblVerdict:
         return Reply(554, "5.7.1", text)
 
 
+def zone_from_text(text: str, kind: Kind = "block") -> DnsblZone:
+    """A config entry: ``zone``, ``zone*WEIGHT``, ``zone=127.0.0.2,127.0.0.4/30*WEIGHT``.
+    Raises ValueError saying what is wrong."""
+    rest, star, weight = text.strip().rpartition("*") if "*" in text else (text.strip(), "", "")
+    if star and not weight.strip().isdigit():
+        raise ValueError(f"{text!r}: the weight after * must be a whole number")
+    name, _, answers = rest.partition("=")
+    match = tuple(a.strip() for a in answers.split(",") if a.strip())
+    try:
+        return DnsblZone(name.strip(), int(weight) if star else 1, kind, match)
+    except ipaddress.AddressValueError as exc:
+        raise ValueError(f"{text!r}: {exc}") from None
+
+
 def query_name(client: IpAddress, zone: str) -> str:
     """The name to ask for ``client`` in ``zone`` (RFC 5782 §2.1, §2.4)."""
     if client.version == 4:

@@ -60,6 +60,14 @@ class Rules:
         return None
 
 
+    def trusts(self, client_ip: str | None) -> bool:
+        """Whether a match rule's network table lists the client (a trusted network: not
+        screened by blocklists, greylisting, HELO and reverse-DNS checks)."""
+        client = _address(client_ip)
+        return client is not None and any(
+            rule.networks is not None and any(client in n for n in rule.networks)
+            for rule in self._rules)
+
     def route_internal(self, domain: str) -> str | None:
         """The action for mail tayori writes itself (DSNs): the first rule for the
         domain, whichever clients it names; nobody outside can make tayori write it."""

@@ -32,6 +32,7 @@ from tayori.config.model import AUTH_MODES
 from tayori.errors import Reply
 from tayori.policy.authentication import Authenticator
 from tayori.policy.relay import Rules
+from tayori.policy.screening import Screening
 from tayori.queue.spool import Spool
 from tayori.receive import tls
 from tayori.receive.connections import ConnectionTable
@@ -63,6 +64,7 @@ class Receiver:
         self.rules = Rules(config)
         self.local = LocalRecipients(config)
         self.authenticator = Authenticator(config.auth)
+        self.screening = Screening(config)
         self.connections = connections or ConnectionTable(1)
         self._tls: dict[str, tls.CertificateChoice] = {}
         self._sockets: list[tuple[Listener, socket.socket]] = []
@@ -132,6 +134,7 @@ class Receiver:
         self.rules = Rules(config)
         self.local = LocalRecipients(config)
         self.authenticator.update(config.auth)
+        self.screening.update(config)
         self.config = config
         bound = {(lis.host, lis.port) for lis, _ in self._sockets}
         wanted = {item.address for item in config.listen}

@@ -10,6 +10,9 @@ returned (DESIGN §2.1); the queue id is in the 250 reply, the Received header a
 log line of the message. At RCPT a recipient needs a match rule (else ``554 5.7.1``),
 must exist when its action has local tables (else ``550 5.1.1``,
 :mod:`tayori.route.local`) and must not have a full mailbox (else ``452 4.2.2``).
+Screening (:mod:`tayori.policy.screening`): blocklists at connect, HELO syntax, rate
+limits and reverse DNS at MAIL, rate limits and greylisting at RCPT; at most
+``limits.max_messages_per_connection`` messages, then ``421``.
 AUTH (where the listener offers it) is answered by
 :class:`~tayori.policy.authentication.Authenticator`: a login makes the client
 ``authenticated`` for the match rules, its MAIL FROM must be one of its own addresses
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, cast
 from tayori import maillog
 from tayori.address import AddressError, Mailbox, parse_mailbox
 from tayori.errors import INTERNAL_ERROR, Reply
+from tayori.policy.screening import Client
 from tayori.queue.spool import Draft, Envelope, RecipientRecord, new_queue_id
 from tayori.receive import proxy
 from tayori.receive.tls import TlsInfo, info_of
@@ -67,6 +71,7 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
 MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full, try again later")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many Received headers: mail loop?")
+TOO_MANY_MESSAGES = Reply(421, "4.7.0", "Too many messages in this session, reconnect")
 _DEBUG = logging.getLogger("tayori.debug.session")
 _session_numbers = itertools.count(1)
 
@@ -98,6 +103,7 @@ class Session(asyncio.Protocol):
         self._deadline = 0.0
         self._waiting = False
         self._timed_out = False
+        self.client = Client("", "", screened=False)
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -165,6 +171,10 @@ class Session(asyncio.Protocol):
         self._admitted = refusal is None
         maillog.event("connect", session=self.id, client=f"[{self.client_ip}]:{self.client_port}",
                       listener=self.listener.name)
+        self.client = Client(self.id, self.client_ip, screened=self.listener.config.mode ==
+                             "smtp" and not self.receiver.rules.trusts(self.client_ip))
+        if refusal is None:
+            refusal = await self.receiver.screening.connect(self.client)
         if self.tls is not None:
             maillog.event("tls", session=self.id, info=self.tls.describe())
         if refusal is not None:
@@ -295,27 +305,47 @@ class Session(asyncio.Protocol):
     async def _on_hello(self, event: Hello) -> None:
         maillog.event("helo", session=self.id, name=event.name,
                       verb="EHLO" if event.extended else "HELO")
+        refusal = self.receiver.screening.helo(self.client, event.name)
+        if refusal is not None:
+            self._refused("HELO", refusal, name=event.name)
+            self.engine.reply(refusal)
+            return
         self.engine.accept()
 
     async def _on_mail(self, event: MailFrom) -> None:
         self._actions = []
         sender = str(event.sender) if event.sender else "<>"
-        login = self.engine.authenticated
-        if login is not None:
-            refusal = await self.receiver.authenticator.sender_refusal(
-                login, str(event.sender) if event.sender else "")
-            if refusal is not None:
-                self._refused("MAIL", refusal, sender=sender, login=login)
-                self.engine.reply(refusal)
-                return
+        refusal = await self._sender_refusal(event)
+        if refusal is not None:
+            self._refused("MAIL", refusal, sender=sender, login=self.engine.authenticated)
+            self.engine.reply(refusal)
+            return
         maillog.event("mail", session=self.id, sender=sender,
                       size=event.params.size, body=event.params.body)
         self.engine.accept()
+
+    async def _sender_refusal(self, event: MailFrom) -> Reply | None:
+        """MAIL's checks: the messages of this session, the login's own addresses, the
+        rate limits and reverse DNS (:mod:`tayori.policy.screening`)."""
+        if self._messages >= self.config.limits.max_messages_per_connection:
+            return TOO_MANY_MESSAGES
+        address = str(event.sender) if event.sender else ""
+        login = self.engine.authenticated
+        if login is not None:
+            refusal = await self.receiver.authenticator.sender_refusal(login, address)
+            if refusal is not None:
+                return refusal
+        return await self.receiver.screening.mail(self.client, self._sender_key(event.sender))
+
+    def _sender_key(self, sender: Mailbox | None) -> str:
+        """Whose rate the sender buckets count: the login, else the MAIL FROM address."""
+        return self.engine.authenticated or (str(sender).lower() if sender else "")
 
     async def _on_authenticate(self, event: Authenticate) -> None:
         reply = await self.receiver.authenticator.login(
             self.id, self.client_ip, event.mechanism, event.login, event.password)
         if reply.code == 235:
+            self.client.screened = False   # a mail program of ours, not a stranger
             self.engine.accept()
         else:
             self.engine.reply(reply)
@@ -338,6 +368,14 @@ class Session(asyncio.Protocol):
                 ).run_in_executor(None, self.receiver.local.over_quota, action, address):
             self._refused("RCPT", MAILBOX_FULL, recipient=str(recipient))
             self.engine.reply(MAILBOX_FULL)
+            return
+        transaction = self.engine.transaction
+        sender = transaction.sender if transaction else None
+        refusal = await self.receiver.screening.rcpt(
+            self.client, self._sender_key(sender), str(sender) if sender else "", address)
+        if refusal is not None:
+            self._refused("RCPT", refusal, recipient=str(recipient))
+            self.engine.reply(refusal)
             return
         self._actions.append(action)
         maillog.event("rcpt", session=self.id, recipient=str(recipient), action=action,
