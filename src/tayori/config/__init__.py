@@ -83,6 +83,8 @@ def _resolved(config: Config, base: str) -> Config:
     actions = {name: dataclasses.replace(action, path=absolute(action.path))
                for name, action in config.actions.items()}
     log = dataclasses.replace(config.log, file=absolute(config.log.file))
+    dkim_keys = tuple(dataclasses.replace(item, key_file=absolute(item.key_file))
+                      for item in config.dkim_keys)
     greylist = dataclasses.replace(config.greylist, path=absolute(config.greylist.path) or
                                    os.path.join(absolute(config.spool), "greylist.sqlite3"))
     auth = dataclasses.replace(config.auth, users=absolute(config.auth.users),
@@ -91,4 +93,4 @@ def _resolved(config: Config, base: str) -> Config:
                                ldap_ca_file=absolute(config.auth.ldap_ca_file))
     return dataclasses.replace(config, spool=absolute(config.spool), listen=listeners,
                                certificates=certificates, actions=actions, log=log,
-                               auth=auth, greylist=greylist)
+                               auth=auth, greylist=greylist, dkim_keys=dkim_keys)

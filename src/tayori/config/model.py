@@ -92,6 +92,13 @@ def _mechanisms(items: list[str]) -> tuple[str, ...]:
     return names
 
 
+def _sign_for(items: list[str]) -> tuple[str, ...]:
+    unknown = [item for item in items if item not in ("authenticated", "trusted")]
+    if unknown:
+        raise BadValue(f"{unknown!r}: only authenticated and trusted")
+    return tuple(items)
+
+
 def _positive(value: int) -> int:
     if value < 1:
         raise BadValue(f"{value} is less than 1")
@@ -301,6 +308,88 @@ class GreylistConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpfConfig:
+    check: bool = setting(True, BOOL, "Check SPF (RFC 7208) for untrusted, not logged-in "
+                          "clients: the MAIL FROM identity (and the HELO name); the result "
+                          "goes into Received-SPF and Authentication-Results.")
+    helo: bool = setting(True, BOOL, "Check the HELO identity too (its `fail` decides).")
+    on_fail: str = setting("reject", enum("reject", "tag"), "`fail`: refuse the mail (550 "
+                           "5.7.23 with the domain's explanation), or only tag it.")
+    on_softfail: str = setting("tag", enum("reject", "tag"), "`softfail`: refuse (550 5.7.23) "
+                               "or tag.")
+    on_permerror: str = setting("tag", enum("reject", "tag"), "A broken SPF record: refuse "
+                                "(550 5.7.24) or tag.")
+    on_temperror: str = setting("defer", enum("defer", "tag"), "DNS trouble: defer (451 "
+                                "4.7.24) or tag.")
+    timeout: float = setting(20.0, DURATION, "The whole evaluation's time limit; then "
+                             "`temperror`.", shown_default='"20s"')
+
+
+@dataclass(frozen=True, slots=True)
+class DkimConfig:
+    verify: bool = setting(True, BOOL, "Verify the DKIM signatures (RFC 6376, 8463) of mail "
+                           "from untrusted, not logged-in clients; the results go into "
+                           "Authentication-Results.")
+    max_signatures: int = setting(10, POSITIVE, "Signatures verified per message; more are "
+                                  "reported `neutral`.")
+    sign_for: tuple[str, ...] = setting(("authenticated", "trusted"), checked(
+        STRING_LIST, "list", '["authenticated", "trusted"] or a part of it',
+        _sign_for), "Whose mail is signed with the `[[dkim_key]]` of its From domain: "
+        "logged-in clients, trusted networks.", shown_default='["authenticated", "trusted"]')
+    headers: tuple[str, ...] = setting((), STRING_LIST, "Header fields to sign. Empty: "
+                                       "RFC 6376's recommended set.",
+                                       shown_default="[] (the recommended set)")
+    oversign: tuple[str, ...] = setting(("from", "to", "subject", "date"), STRING_LIST,
+                                        "Fields signed once more than they occur, so none "
+                                        "can be added.",
+                                        shown_default='["from", "to", "subject", "date"]')
+    expire: float = setting(0.0, DURATION, "Signatures expire (x=) this long after signing; "
+                            "0: never.", shown_default="0 (never)")
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKeyConfig:
+    domain: str = required(STRING, "The signing domain (d=): mail whose From is in it is "
+                           "signed.")
+    selector: str = required(STRING, "The selector (s=): the key is published at "
+                             "`SELECTOR._domainkey.DOMAIN`.")
+    key_file: str = required(PATH, "The private key (PEM; `tayori dkim keygen` writes one). "
+                             "Two keys for one domain (RSA and Ed25519): both sign.")
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcConfig:
+    check: bool = setting(True, BOOL, "Evaluate DMARC (RFC 7489, RFC 9091) for mail from "
+                          "untrusted, not logged-in clients.")
+    on_reject: str = setting("reject", enum("reject", "quarantine", "tag"), "A failing "
+                             "message whose domain asks for `p=reject`: refuse it (550 5.7.1), "
+                             "treat it as `quarantine`, or only tag it.")
+    on_quarantine: str = setting("header", enum("header", "hold", "tag"), "`p=quarantine`: "
+                                 "add `X-Tayori-Quarantine: yes` (for the mailbox's spam "
+                                 "folder rules), hold the message in the queue for the "
+                                 "operator, or only tag it.")
+    psd: bool = setting(False, BOOL, "Also look for a policy at the public suffix (RFC 9091).")
+    reports: bool = setting(False, BOOL, "Record aggregate report data and send the gzip'd "
+                            "reports (RFC 7489 §7.2) to each domain's `rua`.")
+    report_org: str = setting("", STRING, "The organisation named in reports. Empty: the "
+                              "host name.")
+    report_from: str = setting("", STRING, "The sender address of reports. Empty: "
+                               "`postmaster@` the host name.")
+    report_interval: float = setting(86400.0, DURATION, "How often reports are sent.",
+                                     shown_default='"1d"')
+
+
+@dataclass(frozen=True, slots=True)
+class ArcConfig:
+    verify: bool = setting(True, BOOL, "Validate ARC chains (RFC 8617) of received mail; "
+                           "`arc=` goes into Authentication-Results.")
+    seal: bool = setting(False, BOOL, "Seal (add an ARC set to) mail forwarded through an "
+                         "alias or `.forward`, with the `[[dkim_key]]` named below (RSA).")
+    seal_domain: str = setting("", STRING, "`seal`: the domain of the key to seal with.")
+    seal_selector: str = setting("", STRING, "`seal`: the selector of that key.")
+
+
+@dataclass(frozen=True, slots=True)
 class SmtpConfig:
     vrfy: bool = setting(False, BOOL, "Answer VRFY truthfully. Off: VRFY gets 252 (RFC 5321 "
                          "§3.5.3) and tells nothing.")
@@ -470,6 +559,9 @@ class Config:
     file: str
     hostname: str = setting("", STRING, "Name in the greeting, EHLO reply and Received headers.",
                             shown_default="the system's fully qualified host name")
+    authserv_id: str = setting("", STRING, "The name in tayori's Authentication-Results "
+                               "headers (RFC 8601); such headers arriving with it are removed.",
+                               shown_default="the host name")
     spool: str = setting("./var/spool", PATH, "Queue directory: message files, index, corrupt/. "
                          "Relative paths are relative to the config file.")
     user: str = setting("", STRING, "After binding the listeners, drop privileges to this "
@@ -485,6 +577,11 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     dnsbl: DnsblConfig = field(default_factory=DnsblConfig)
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
+    spf: SpfConfig = field(default_factory=SpfConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
+    dkim_keys: tuple[DkimKeyConfig, ...] = ()
+    dmarc: DmarcConfig = field(default_factory=DmarcConfig)
+    arc: ArcConfig = field(default_factory=ArcConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
@@ -493,16 +590,17 @@ class Config:
     match: tuple[MatchConfig, ...] = ()
 
 
-TOP_LEVEL = ("hostname", "spool", "user", "workers")
+TOP_LEVEL = ("hostname", "authserv_id", "spool", "user", "workers")
 SECTIONS = {"log": LogConfig, "limits": LimitsConfig, "smtp": SmtpConfig, "auth": AuthConfig,
-            "dnsbl": DnsblConfig, "greylist": GreylistConfig, "queue": QueueConfig,
+            "dnsbl": DnsblConfig, "greylist": GreylistConfig, "spf": SpfConfig,
+            "dkim": DkimConfig, "dmarc": DmarcConfig, "arc": ArcConfig, "queue": QueueConfig,
             "delivery": DeliveryConfig, "dns": DnsConfig}
 
 
 def from_document(doc: dict[str, Any], file: str, base: str) -> Config:
     """Validate a parsed TOML document into a Config; ``base`` anchors relative table files."""
-    allowed = set(TOP_LEVEL) | set(SECTIONS) | {"listen", "certificate", "tables", "actions",
-                                                "match"}
+    allowed = set(TOP_LEVEL) | set(SECTIONS) | {"listen", "certificate", "dkim_key", "tables",
+                                                "actions", "match"}
     for key in doc:
         if key not in allowed:
             raise ConfigError(file, key, "unknown key", ", ".join(sorted(allowed)))
@@ -522,13 +620,24 @@ def from_document(doc: dict[str, Any], file: str, base: str) -> Config:
         _check_listener(listener, file, f"listen[{i}]")
     certificates = tuple(build(CertificateConfig, item, file, f"certificate[{i}]")
                          for i, item in enumerate(_array(doc, "certificate", file)))
+    dkim_keys = tuple(build(DkimKeyConfig, item, file, f"dkim_key[{i}]")
+                      for i, item in enumerate(_array(doc, "dkim_key", file)))
+    _check_arc_key(sections["arc"], dkim_keys, file)
     chosen = [name for name in ("dovecot", "ldap", "sqlite") if getattr(sections["auth"], name)]
     if len(chosen) > 1:
         raise ConfigError(file, f"auth.{chosen[1]}", f"auth.{chosen[0]} is set too",
                           "one user directory: users (a file), sqlite, ldap or dovecot")
     top["hostname"] = top.get("hostname") or socket.getfqdn()
-    return Config(file=file, listen=listeners, certificates=certificates, tables=tables,
-                  actions=actions, match=rules, **top, **sections)
+    top["authserv_id"] = top.get("authserv_id") or top["hostname"]
+    return Config(file=file, listen=listeners, certificates=certificates, dkim_keys=dkim_keys,
+                  tables=tables, actions=actions, match=rules, **top, **sections)
+
+
+def _check_arc_key(arc: ArcConfig, keys: tuple[DkimKeyConfig, ...], file: str) -> None:
+    if arc.seal and not any(k.domain == arc.seal_domain and k.selector == arc.seal_selector
+                            for k in keys):
+        raise ConfigError(file, "arc.seal_domain", "names no [[dkim_key]]",
+                          "seal_domain and seal_selector of a [[dkim_key]] entry")
 
 
 def _check_listener(listener: ListenConfig, file: str, key: str) -> None:

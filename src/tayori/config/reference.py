@@ -12,10 +12,14 @@ from typing import Any
 from tayori.config import default_text
 from tayori.config.model import (
     ActionConfig,
+    ArcConfig,
     AuthConfig,
     CertificateConfig,
     Config,
     DeliveryConfig,
+    DkimConfig,
+    DkimKeyConfig,
+    DmarcConfig,
     DnsblConfig,
     DnsConfig,
     GreylistConfig,
@@ -25,6 +29,7 @@ from tayori.config.model import (
     MatchConfig,
     QueueConfig,
     SmtpConfig,
+    SpfConfig,
 )
 from tayori.config.schema import describe
 
@@ -63,6 +68,13 @@ SECTIONS: list[tuple[str, str, Any]] = [
     ("[dnsbl]", "DNS blocklists and allowlists (RFC 5782), asked when a client connects.",
      DnsblConfig),
     ("[greylist]", "Greylisting of untrusted clients on `smtp` listeners.", GreylistConfig),
+    ("[spf]", "Sender Policy Framework checks of received mail.", SpfConfig),
+    ("[dkim]", "DKIM: verifying received mail, signing mail of our users.", DkimConfig),
+    ("[[dkim_key]]", "One signing key; `tayori dkim keygen DOMAIN SELECTOR` makes one and "
+                     "prints the DNS record.", DkimKeyConfig),
+    ("[dmarc]", "DMARC evaluation of received mail, and aggregate reports.", DmarcConfig),
+    ("[arc]", "Authenticated Received Chain: validating, and sealing forwarded mail.",
+     ArcConfig),
     ("[smtp]", "ESMTP features offered in the EHLO reply.", SmtpConfig),
     ("[queue]", "Retries, lifetime and DSNs of queued mail.", QueueConfig),
     ("[delivery]", "Outbound SMTP and LMTP connections (all actions).", DeliveryConfig),
