@@ -1,12 +1,14 @@
-"""Real peers for the user directories: a private OpenLDAP slapd and a Dovecot auth server.
+"""Real peers for the user directories: private OpenLDAP slapd, Dovecot auth, PostgreSQL.
 
 ``Slapd`` is OpenLDAP's server from Debian with its own slapd.conf-style configuration,
 an mdb database seeded by ``slapadd`` and, optionally, a self-signed certificate for
 StartTLS, all under a fresh temporary directory, listening only on 127.0.0.1:``port``.
 ``DovecotAuthServer`` is a Dovecot that runs only its ``auth`` service (no protocols),
 with a passwd-file passdb and two client listeners: a unix socket in its directory and
-127.0.0.1:``port``. Each waits for its listener with a deadline and shows the tail of
-its log when it fails; each class docstring lists what was learnt making it work.
+127.0.0.1:``port``. ``PostgresServer`` is a PostgreSQL cluster made by ``initdb`` in its
+directory, listening on a unix socket there and on 127.0.0.1:``port``. Each waits for
+its listener with a deadline and shows the tail of its log when it fails; each class
+docstring lists what was learnt making it work.
 (:mod:`peers` has the mail peers; this module imports its process helpers.)
 """
 
@@ -15,13 +17,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
+
+import psycopg
+from psycopg.conninfo import make_conninfo
 
 from harness import TIMEOUT, free_port, wait_for, which_peer
 from peers import listening, stop_process, tail, unix_listening
@@ -356,6 +363,175 @@ service auth {{
         if self.process is not None:
             stop_process(self.process)
             self.process = None
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def postgres_bindir() -> Path:
+    """The newest ``/usr/lib/postgresql/VERSION/bin`` with ``postgres`` and ``initdb``
+    (Debian keeps them off PATH), or skip the test."""
+    found = [path.parent for path in Path("/usr/lib/postgresql").glob("*/bin/postgres")
+             if (path.parent / "initdb").exists() and path.parent.parent.name.isdigit()]
+    if not found:
+        import pytest
+
+        pytest.skip("PostgreSQL's server is not installed (no /usr/lib/postgresql/*/bin/"
+                    "postgres and initdb; scripts/install-peers installs postgresql)")
+    return max(found, key=lambda path: int(path.parent.name))
+
+
+@dataclass
+class PostgresServer:
+    """A private PostgreSQL cluster: ``with PostgresServer() as pg: pg.execute("...")``.
+
+    ``initdb`` makes the cluster in ``<root>/data``; the server listens on a unix socket
+    in :attr:`root` (``.s.PGSQL.<port>``) and on 127.0.0.1:``port`` (0: a free one). The
+    superuser is ``postgres``, trusted over the unix socket only; TCP logins need a
+    password (scram-sha-256). :meth:`execute` runs SQL as the superuser;
+    :meth:`conninfo` is a connection string for a client. :meth:`halt` stops the server
+    and keeps the cluster (:meth:`start` runs it again, same port); :meth:`stop` also
+    removes the directory unless ``keep``. ``settings`` are extra ``-c`` options.
+
+    What was found to work here (PostgreSQL 15.18, Debian 12, as root):
+
+    - postgres refuses to run as root: as root, initdb and the server run as the
+      ``postgres`` user that Debian's package creates (``nobody`` without it), owner of
+      the temporary directory (mkdtemp makes it 0700; the root client still reaches the
+      socket in it). ``Popen(user=, group=, extra_groups=[])`` drops root's groups too.
+    - The binaries are in ``/usr/lib/postgresql/15/bin``, not on PATH; Debian's
+      ``pg_ctlcluster`` wrappers are only for the system clusters (never used here).
+    - ``initdb --no-sync -E UTF8 --locale=C`` takes about 0.5 s; ``fsync=off`` and
+      friends make the server's own writes cheap. ``-k DIR`` puts the socket in DIR,
+      ``-h 127.0.0.1`` is the only TCP listener.
+    - Readiness without a client: line 8 of ``data/postmaster.pid`` reads ``ready``
+      once it accepts connections (what ``pg_ctl -w`` polls).
+    - SIGTERM is a "smart" shutdown that waits for every client to leave (a pooled
+      connection keeps it up forever): :meth:`halt` sends SIGINT, the "fast" shutdown,
+      which ends the sessions; clients then get ``AdminShutdown``.
+    """
+
+    port: int = 0
+    keep: bool = False
+    settings: dict[str, str] = field(default_factory=dict)
+    superuser: str = "postgres"
+    root: Path = field(init=False)
+    bindir: Path = field(init=False)
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.bindir = postgres_bindir()
+        self.root = Path(tempfile.mkdtemp(prefix="tayori-pg-"))
+        if os.geteuid() == 0:
+            try:
+                account = pwd.getpwnam("postgres")
+            except KeyError:
+                account = pwd.getpwnam("nobody")
+            os.chown(self.root, account.pw_uid, account.pw_gid)
+            self._as: dict[str, Any] = {"user": account.pw_uid, "group": account.pw_gid,
+                                        "extra_groups": []}
+        else:
+            self._as = {}
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "postgres.log"
+
+    def conninfo(self, user: str = "", password: str = "", dbname: str = "postgres",
+                 over: str = "unix", **extra: Any) -> str:
+        """A libpq connection string to this server: over ``"unix"`` (its socket) or
+        ``"tcp"`` (127.0.0.1:port)."""
+        host = str(self.root) if over == "unix" else "127.0.0.1"
+        params = {"host": host, "port": self.port, "dbname": dbname,
+                  "user": user or self.superuser, **extra}
+        if password:
+            params["password"] = password
+        return make_conninfo(**params)
+
+    def execute(self, sql: str, params: Any = None, dbname: str = "postgres",
+                many: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Run ``sql`` as the superuser (``many``: once per parameter set); its rows."""
+        with psycopg.connect(self.conninfo(dbname=dbname), autocommit=True,
+                             connect_timeout=5) as connection, connection.cursor() as cursor:
+            if many is not None:
+                cursor.executemany(sql, many)
+                return []
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+
+    def initdb(self) -> None:
+        result = subprocess.run(
+            [str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.superuser,
+             "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
+             "--locale=C", "--no-sync"],
+            cwd=self.root, capture_output=True, text=True, timeout=60, check=False,
+            **self._as)
+        if result.returncode != 0:
+            raise AssertionError(f"initdb exited {result.returncode}: "
+                                 f"{result.stdout}{result.stderr}")
+
+    def start(self) -> Self:
+        """initdb (the first time), then the server; returns when it accepts clients."""
+        if not (self.data / "PG_VERSION").exists():
+            self.initdb()
+        if not self.port:
+            self.port = free_port()
+        settings = {"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off",
+                    "max_connections": "40", "logging_collector": "off", **self.settings}
+        options = [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [str(self.bindir / "postgres"), "-D", str(self.data), "-k", str(self.root),
+                 "-h", "127.0.0.1", "-p", str(self.port), *options],
+                cwd=self.root, stdout=log, stderr=subprocess.STDOUT, **self._as)
+        self.wait_for(self._up, what=f"postgres to accept connections on {self.port}")
+        return self
+
+    def _up(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"postgres exited {self.process.returncode}")
+        try:
+            lines = (self.data / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        return (len(lines) > 7 and lines[7].strip() == "ready"
+                and listening("127.0.0.1", self.port))
+
+    def wait_for(self, condition: Callable[[], object], timeout: float = TIMEOUT,
+                 what: str = "condition") -> object:
+        try:
+            return wait_for(condition, timeout=timeout, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; postgres log:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return tail(self.log_path)
+
+    def halt(self) -> None:
+        """Stop the server (SIGINT: fast shutdown, clients are cut off); the cluster
+        stays for :meth:`start`."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            stop_process(self.process)
+        self.process = None
+
+    def stop(self) -> None:
+        """Stop the server and remove its directory unless ``keep``."""
+        self.halt()
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
 

@@ -7,6 +7,11 @@
 - Dovecot: a private Dovecot auth service (:class:`peers_auth.DovecotAuthServer`) over
   its unix socket and TCP: good, wrong and unknown logins, a temporary passdb failure,
   the server down; Dovecot verifies an argon2id hash made by tayori.
+- PostgreSQL: a private cluster (:class:`peers_auth.PostgresServer`) holding users with
+  argon2id, bcrypt and SHA512-CRYPT hashes and their senders, reached over TCP with a
+  password and over its unix socket: good, wrong and unknown logins, the login bound
+  as a parameter, read-only sessions, the statement timeout, refused service logins
+  (the password never in the reason), many at once, the server down and back.
 - Hashes made by Dovecot's ``doveadm pw`` (SHA512-CRYPT, SHA256-CRYPT with rounds,
   BLF-CRYPT, ARGON2I/ID) and by ``openssl passwd`` verify with tayori's own code.
 """
@@ -14,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import string
@@ -21,11 +27,19 @@ import subprocess
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
+import bcrypt
 import pytest
 
 from harness import which_peer
-from peers_auth import DovecotAuthServer, LdapUser, Slapd, doveadm_pw
-from tayori.policy.passwords import hash_password, sha_crypt, verify_password
+from peers_auth import DovecotAuthServer, LdapUser, PostgresServer, Slapd, doveadm_pw
+from tayori.policy import userdb
+from tayori.policy.passwords import (
+    Verification,
+    check_password,
+    hash_password,
+    sha_crypt,
+    verify_password,
+)
 from tayori.policy.userdb import (
     AuthOutcome,
     AuthStatus,
@@ -34,6 +48,8 @@ from tayori.policy.userdb import (
 )
 from tayori.policy.userdb_dovecot import DovecotAuth
 from tayori.policy.userdb_ldap import LdapSettings, LdapUsers
+from tayori.policy.userdb_pg import PostgresSource
+from tayori.policy.userdb_sql import SqlUsers
 
 pytestmark = pytest.mark.peer
 
@@ -253,6 +269,179 @@ def test_dovecot_down_is_temporary() -> None:
     finally:
         server.keep = False
         server.stop()
+
+
+# --- PostgreSQL ---------------------------------------------------------------------
+
+PG_PASSWORD = "pg service pw"
+PG_QUERY = "SELECT password FROM users WHERE login = :login"
+PG_SENDERS = "SELECT address FROM senders WHERE login = :login ORDER BY address"
+SHA512_HELLO = ("{SHA512-CRYPT}$6$saltstring$svn8UoSVapNtMuq1ukKS4tPQd8iKwSMHWjl/O817G3uBn"
+                "IFNjnQJuesI68u4OTLiBFdcbYEdFCoEOfaS35inz1")   # "Hello world!" (Drepper)
+
+
+def pg_user_rows() -> list[tuple[str, str | None]]:
+    return [
+        ("alice@pg.test", hash_password("alice-pw")),                        # argon2id
+        ("bob", "{BLF-CRYPT}" + bcrypt.hashpw("bob pw ü".encode(), bcrypt.gensalt(4)).decode()),
+        ("carol", SHA512_HELLO),
+        ("o'brien", hash_password("quote-pw")),
+        ("twice", hash_password("pw")), ("twice", hash_password("pw")),
+        ("nopass", None),
+    ]
+
+
+PG_SENDER_ROWS = [("bob", "bob@pg.test"), ("bob", "b2@pg.test, @bob.pg.test"),
+                  ("alice@pg.test", "Sales@PG.test")]
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """One cluster for the module: database ``mail``, role ``tayori`` (password
+    :data:`PG_PASSWORD`) that may only read ``users`` and ``senders``."""
+    with PostgresServer() as server:
+        server.execute(f"CREATE ROLE tayori LOGIN PASSWORD '{PG_PASSWORD}'")
+        server.execute("CREATE DATABASE mail")
+        server.execute("CREATE TABLE users (login text NOT NULL, password text);"
+                       "CREATE TABLE senders (login text NOT NULL, address text NOT NULL);"
+                       "GRANT SELECT ON users, senders TO tayori", dbname="mail")
+        server.execute("INSERT INTO users VALUES (%s, %s)", dbname="mail", many=pg_user_rows())
+        server.execute("INSERT INTO senders VALUES (%s, %s)", dbname="mail",
+                       many=PG_SENDER_ROWS)
+        yield server
+
+
+@contextlib.contextmanager
+def pg_users(postgres: PostgresServer, query: str = PG_QUERY, *, senders: str = PG_SENDERS,
+             over: str = "tcp", password: str = PG_PASSWORD, timeout: float = 5.0
+             ) -> Iterator[SqlUsers]:
+    users = SqlUsers.postgres(
+        postgres.conninfo("tayori", password if over == "tcp" else "", "mail", over),
+        query, senders, timeout=timeout)
+    try:
+        yield users
+    finally:
+        users.close()
+
+
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+def test_postgres_users(postgres: PostgresServer, over: str,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    checked: list[str] = []
+
+    def spy(stored: str, password: str) -> Verification:
+        checked.append(stored)
+        return check_password(stored, password)
+
+    monkeypatch.setattr(userdb, "check_password", spy)
+    with pg_users(postgres, over=over) as users:
+        assert run(users.authenticate("alice@pg.test", "alice-pw")) == AuthOutcome.success(
+            "alice@pg.test")
+        assert run(users.authenticate("bob", "bob pw ü")).ok
+        assert run(users.authenticate("carol", "Hello world!")).ok
+        assert run(users.authenticate("o'brien", "quote-pw")).ok
+        wrong = run(users.authenticate("carol", "hello world!"))
+        unknown = run(users.authenticate("mallory", "Hello world!"))
+        assert wrong.status is unknown.status is AuthStatus.BAD_CREDENTIALS
+        assert wrong.reply == unknown.reply
+        assert checked[-1] == userdb.dummy_hash()
+        for login in ("twice", "nopass", "Carol"):
+            assert run(users.authenticate(login, "pw")).status is AuthStatus.BAD_CREDENTIALS
+            assert checked[-1] == userdb.dummy_hash()
+        assert run(users.sender_addresses("bob")) == {"bob@pg.test", "b2@pg.test",
+                                                      "@bob.pg.test"}
+        assert run(users.sender_addresses("alice@pg.test")) == {"alice@pg.test",
+                                                                "sales@pg.test"}
+        assert run(may_send_as(users, "bob", "anyone@bob.pg.test"))
+        assert not run(may_send_as(users, "bob", "alice@pg.test"))
+        assert run(users.sender_addresses("mallory")) == frozenset()
+
+
+def test_postgres_binds_the_login_as_a_parameter(postgres: PostgresServer) -> None:
+    # ``%`` in the query and a ``::`` cast stay as they are; the login is never SQL.
+    query = ("SELECT password FROM users WHERE login = :login::text "
+             "AND coalesce(password, '') NOT LIKE '%plain%'")
+    with pg_users(postgres, query) as users:
+        assert run(users.authenticate("carol", "Hello world!")).ok
+        for login in ("' OR '1'='1", "carol' --", "%", "carol'; DROP TABLE users; --"):
+            outcome = run(users.authenticate(login, "Hello world!"))
+            assert outcome.status is AuthStatus.BAD_CREDENTIALS, (login, outcome)
+    assert postgres.execute("SELECT count(*) FROM users", dbname="mail") == [(7,)]
+
+
+def test_postgres_sessions_are_read_only(postgres: PostgresServer) -> None:
+    # Even a role allowed to write (here the superuser) cannot: the sessions are read-only.
+    source = PostgresSource(postgres.conninfo(dbname="mail"))
+    users = SqlUsers(source, "DELETE FROM users WHERE login = :login RETURNING password")
+    try:
+        outcome = run(users.authenticate("carol", "Hello world!"))
+    finally:
+        users.close()
+    assert outcome.status is AuthStatus.TEMPORARY
+    assert "read-only transaction" in outcome.reason
+    assert postgres.execute("SELECT count(*) FROM users WHERE login = 'carol'",
+                            dbname="mail") == [(1,)]
+
+
+def test_postgres_failures_are_temporary_and_never_show_the_password(
+        postgres: PostgresServer) -> None:
+    with pg_users(postgres, password="not the pw ü") as refused:
+        outcome = run(refused.authenticate("carol", "Hello world!"))
+        assert outcome.status is AuthStatus.TEMPORARY
+        assert "password authentication failed" in outcome.reason
+        assert "not the pw" not in outcome.reason
+        assert f"port={postgres.port}" in outcome.reason and "user=tayori" in outcome.reason
+        with pytest.raises(DirectoryUnavailable) as caught:
+            run(refused.sender_addresses("bob"))
+        assert "not the pw" not in str(caught.value)
+    with pg_users(postgres, "SELECT password FROM nowhere WHERE login = :login") as broken:
+        outcome = run(broken.authenticate("carol", "Hello world!"))
+        assert outcome.status is AuthStatus.TEMPORARY and "nowhere" in outcome.reason
+    with pg_users(postgres, "SELECT secret FROM pg_authid WHERE rolname = :login") as nosy:
+        assert run(nosy.authenticate("tayori", PG_PASSWORD)).status is AuthStatus.TEMPORARY
+
+
+def test_postgres_statement_timeout(postgres: PostgresServer) -> None:
+    query = "SELECT password FROM users, pg_sleep(3) WHERE login = :login"
+    with pg_users(postgres, query, timeout=0.5) as users:
+        outcome = run(users.authenticate("carol", "Hello world!"))
+    assert outcome.status is AuthStatus.TEMPORARY and "statement timeout" in outcome.reason
+
+
+def test_postgres_many_at_once_share_a_few_connections(postgres: PostgresServer) -> None:
+    with pg_users(postgres) as users:
+
+        async def main() -> list[AuthOutcome]:
+            return await asyncio.gather(*(users.authenticate("carol", "Hello world!" if n % 2
+                                                             else "x") for n in range(24)))
+
+        outcomes = run(main())
+        assert [o.ok for o in outcomes] == [n % 2 == 1 for n in range(24)]
+        sessions = postgres.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'tayori'")[0][0]
+        assert 1 <= sessions <= userdb.VERIFY_THREADS
+    wait_closed = postgres.wait_for(lambda: postgres.execute(
+        "SELECT count(*) = 0 FROM pg_stat_activity WHERE usename = 'tayori'")[0][0],
+        what="tayori's sessions to close")
+    assert wait_closed
+
+
+def test_postgres_restarted_down_and_back(postgres: PostgresServer) -> None:
+    with pg_users(postgres) as users:
+        assert run(users.authenticate("carol", "Hello world!")).ok    # a kept connection
+        postgres.halt()
+        postgres.start()
+        # The kept connection is dead: dropped, and the query tried on a new one.
+        assert run(users.authenticate("carol", "Hello world!")).ok
+        postgres.halt()
+        try:
+            outcome = run(users.authenticate("carol", "Hello world!"))
+            assert outcome.status is AuthStatus.TEMPORARY
+            with pytest.raises(DirectoryUnavailable):
+                run(users.sender_addresses("bob"))
+        finally:
+            postgres.start()
+        assert run(users.authenticate("bob", "bob pw ü")).ok
 
 
 # --- hashes made by other programs --------------------------------------------------

@@ -92,6 +92,21 @@ def _mechanisms(items: list[str]) -> tuple[str, ...]:
     return names
 
 
+def _conninfo(text: str) -> str:
+    if text:
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            conninfo_to_dict(text)
+        except Exception:   # psycopg's message may quote a password: say nothing of it
+            raise BadValue("libpq cannot parse this connection string") from None
+    return text
+
+
+CONNINFO = checked(STRING, "connection string", '"host=/run/postgresql dbname=mail" or '
+                   '"postgresql://user@host/db"', _conninfo)
+
+
 def _sign_for(items: list[str]) -> tuple[str, ...]:
     unknown = [item for item in items if item not in ("authenticated", "trusted")]
     if unknown:
@@ -110,6 +125,7 @@ ENDPOINT = checked(STRING, "address", '"IP:port" or "[IPv6]:port", e.g. "0.0.0.0
                    _parse_endpoint)
 LISTEN_MODES = ("smtp", "submission", "smtps")
 AUTH_MODES = ("submission", "smtps")   # AUTH always offered, and required before MAIL
+DIRECTORIES = ("dovecot", "ldap", "postgres", "sqlite")   # besides the users file
 TLS_VERSIONS = ("1.2", "1.3")
 
 
@@ -175,12 +191,16 @@ class AuthConfig:
         "unless a listener says `auth_without_tls`).", shown_default='["PLAIN", "LOGIN"]')
     users: str = setting("./var/users", PATH, "The user file (`login:{ARGON2ID}...:sender, "
                          "@domain` per line), managed with `tayori user add | passwd | "
-                         "delete | list`; used unless `sqlite`, `ldap` or `dovecot` is set.")
+                         "delete | list`; used unless `sqlite`, `postgres`, `ldap` or "
+                         "`dovecot` is set.")
     sqlite: str = setting("", PATH, "Users in an SQLite database instead (read-only).")
+    postgres: str = setting("", CONNINFO, "Users in PostgreSQL instead: a libpq connection "
+                            'string, "host=/run/postgresql dbname=mail user=tayori" or '
+                            '"postgresql://..." (queries run read-only).')
     password_query: str = setting("SELECT password FROM users WHERE login = :login", STRING,
-                                  "`sqlite`: the stored hash of `:login`.")
-    senders_query: str = setting("", STRING, "`sqlite`: the sender addresses (and `@domain`s) "
-                                 "of `:login`, one per row.")
+                                  "`sqlite`, `postgres`: the stored hash of `:login`.")
+    senders_query: str = setting("", STRING, "`sqlite`, `postgres`: the sender addresses (and "
+                                 "`@domain`s) of `:login`, one per row.")
     ldap: str = setting("", STRING, 'Users in LDAP instead: the server, "ldap://host" or '
                         '"ldaps://host"; a search for the user, then a bind as its entry.')
     ldap_base: str = setting("", STRING, "`ldap`: the search base DN.")
@@ -215,8 +235,7 @@ class AuthConfig:
 
     @property
     def backend(self) -> str:
-        return next((name for name in ("dovecot", "ldap", "sqlite") if getattr(self, name)),
-                    "file")
+        return next((name for name in DIRECTORIES if getattr(self, name)), "file")
 
 
 @dataclass(frozen=True, slots=True)
@@ -623,10 +642,11 @@ def from_document(doc: dict[str, Any], file: str, base: str) -> Config:
     dkim_keys = tuple(build(DkimKeyConfig, item, file, f"dkim_key[{i}]")
                       for i, item in enumerate(_array(doc, "dkim_key", file)))
     _check_arc_key(sections["arc"], dkim_keys, file)
-    chosen = [name for name in ("dovecot", "ldap", "sqlite") if getattr(sections["auth"], name)]
+    chosen = [name for name in DIRECTORIES if getattr(sections["auth"], name)]
     if len(chosen) > 1:
         raise ConfigError(file, f"auth.{chosen[1]}", f"auth.{chosen[0]} is set too",
-                          "one user directory: users (a file), sqlite, ldap or dovecot")
+                          "one user directory: users (a file), sqlite, postgres, ldap or "
+                          "dovecot")
     top["hostname"] = top.get("hostname") or socket.getfqdn()
     top["authserv_id"] = top.get("authserv_id") or top["hostname"]
     return Config(file=file, listen=listeners, certificates=certificates, dkim_keys=dkim_keys,

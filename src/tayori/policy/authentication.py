@@ -4,7 +4,7 @@ Takes: the ``[auth]`` config; from a session, the client address, the login and 
 password the SASL exchange collected, and later the MAIL FROM address.
 Promises:
 - :func:`directory_of` builds the one user directory the config names (a file, SQLite,
-  LDAP or Dovecot; :mod:`tayori.policy.userdb`).
+  PostgreSQL, LDAP or Dovecot; :mod:`tayori.policy.userdb`).
 - :meth:`Authenticator.login` answers what the session sends: ``235 2.7.0`` on success;
   ``535 5.7.8`` for every failed login (an unknown user and a wrong password look the
   same); ``454 4.7.0`` when the directory cannot answer (in ``auth.timeout``);
@@ -50,6 +50,10 @@ def directory_of(config: AuthConfig) -> UserDirectory:
                 config.ldap, config.ldap_base, config.ldap_filter, config.ldap_bind_dn,
                 config.ldap_bind_password, config.ldap_start_tls, config.ldap_ca_file,
                 config.ldap_sender_attributes, config.timeout), senders)
+        case "postgres":
+            return SqlUsers.postgres(config.postgres, config.password_query,
+                                     config.senders_query, senders=senders,
+                                     timeout=config.timeout)
         case "sqlite":
             return SqlUsers.sqlite(config.sqlite, config.password_query,
                                    config.senders_query, senders=senders)
@@ -68,7 +72,10 @@ class Authenticator:
     def update(self, config: AuthConfig) -> None:
         """A reloaded config: a new directory; the failures and bans counted stay."""
         self.config = config
-        self.directory = directory_of(config)
+        old, self.directory = self.directory, directory_of(config)
+        close = getattr(old, "close", None)   # SQL directories keep connections
+        if close is not None:
+            close()
         self.guard.max_failures = config.max_failures
         self.guard.window, self.guard.ban_time = config.failure_window, config.ban_time
 

@@ -28,12 +28,11 @@ TEMPORARY and says why in ``reason``. ``sender_addresses`` raises
 ``451 4.3.0`` (fail closed, DESIGN §2.4). An unusable stored hash (unknown scheme,
 locked account) is a failed login, logged as ``auth-hash-unusable``.
 Backends: :class:`tayori.policy.userdb_file.FileUsers` (the embedded default, managed by
-``tayori user``), :mod:`.userdb_sql` (SQLite; a DB-API source for PostgreSQL),
+``tayori user``), :mod:`.userdb_sql` (SQLite, and PostgreSQL through :mod:`.userdb_pg`),
 :mod:`.userdb_ldap` (search + bind), :mod:`.userdb_dovecot` (Dovecot's auth protocol).
-Config keys (proposed): ``[auth] directory`` = ``{ file = PATH }`` |
-``{ sqlite = PATH, password_query = "...", senders_query = "..." }`` |
-``{ ldap = URL, base = DN, filter = "...", ... }`` | ``{ dovecot = SOCKET }``, with
-``senders = PATH`` (a :class:`SenderMap`) for any of them.
+Config keys: ``auth.users``, ``auth.sqlite``, ``auth.postgres``, ``auth.password_query``,
+``auth.senders_query``, ``auth.ldap*``, ``auth.dovecot``, ``auth.senders`` (a
+:class:`SenderMap` for any of them); chosen in :mod:`tayori.policy.authentication`.
 Standards: RFC 4954 (SMTP AUTH replies), RFC 3463 (enhanced status codes).
 """
 

@@ -1,8 +1,9 @@
 """SQL user directories: a password query and a senders query against a database.
 
-Takes: a :class:`SqlSource` (today :class:`SqliteSource`: an SQLite file opened
-read-only) and two queries with the named parameter ``:login`` (a single ``?`` works
-too, as in tayori's other SQLite tables)::
+Takes: a :class:`SqlSource` (:class:`SqliteSource`: an SQLite file opened read-only;
+:class:`~.userdb_pg.PostgresSource`: a PostgreSQL server, read-only sessions) and two
+queries with the named parameter ``:login`` (for SQLite a single ``?`` works too, as in
+tayori's other SQLite tables)::
 
     password_query = "SELECT password FROM users WHERE login = :login"
     senders_query  = "SELECT address FROM senders WHERE login = :login"
@@ -15,14 +16,16 @@ a NULL password or more than one row (logged as ``auth-user-ambiguous``) is a fa
 login, with the same argon2 work as a wrong password.
 The queries and the check run off the event loop. Without a senders query a login owns
 only itself (when it is an address); with one, also what it returns.
-Failure policy: a database error (missing file, locked, bad query) is a temporary
-failure: ``authenticate`` answers TEMPORARY, ``sender_addresses`` raises
-DirectoryUnavailable; the connection is opened again on the next call.
-Adding PostgreSQL: a source whose ``fetch`` runs the query with a DB-API driver
-(psycopg: ``:login`` becomes ``%(login)s``, see :func:`pyformat`) and raises
-DirectoryUnavailable for the driver's errors; :class:`SqlUsers` stays as it is.
-Config keys (proposed): ``[auth] directory = { sqlite = PATH, password_query = "...",
-senders_query = "..." }`` (later ``{ postgresql = DSN, ... }``).
+Failure policy: a database error (missing file, locked, server down, bad query,
+timeout) is a temporary failure: ``authenticate`` answers TEMPORARY,
+``sender_addresses`` raises DirectoryUnavailable; the connection is opened again on the
+next call. :meth:`SqlUsers.postgres` refuses (ValueError) a query without ``:login``
+and a connection string libpq cannot parse.
+PostgreSQL (:mod:`.userdb_pg`): psycopg binds ``%(login)s``, which :func:`pyformat`
+makes of ``:login``.
+Config keys: ``auth.sqlite`` (PATH) or ``auth.postgres`` (a libpq connection string,
+proposed), with ``auth.password_query``, ``auth.senders_query`` (and ``auth.timeout``
+for PostgreSQL).
 """
 
 from __future__ import annotations
@@ -46,13 +49,17 @@ from tayori.policy.userdb import (
 
 Row = tuple[object, ...]
 
-_NAMED_LOGIN = re.compile(r":login\b")
+_NAMED_LOGIN = re.compile(r"(?<!:):login\b")   # not a PostgreSQL cast (x::login)
 
 
 class SqlSource(Protocol):
     def fetch(self, query: str, login: str) -> list[Row]:
         """Blocking: the rows of ``query`` with ``login`` bound to ``:login``. Raises
         :class:`DirectoryUnavailable` for any database error."""
+        ...
+
+    def close(self) -> None:
+        """Close the connections held (a later ``fetch`` opens one again)."""
         ...
 
 
@@ -108,6 +115,24 @@ class SqlUsers:
     def sqlite(cls, path: str, password_query: str, senders_query: str = "",
                senders: SenderMap | None = None) -> SqlUsers:
         return cls(SqliteSource(path), password_query, senders_query, senders)
+
+    @classmethod
+    def postgres(cls, conninfo: str, password_query: str, senders_query: str = "",
+                 senders: SenderMap | None = None, timeout: float = 5.0) -> SqlUsers:
+        """Users in PostgreSQL (:class:`~.userdb_pg.PostgresSource`): ``conninfo`` is a
+        libpq connection string; ``timeout`` (seconds) bounds connecting and each query.
+        Raises ValueError for a query without ``:login`` or an unparsable ``conninfo``."""
+        from tayori.policy.userdb_pg import PostgresSource
+
+        for name, query in (("password_query", password_query),
+                            ("senders_query", senders_query)):
+            if query and not _NAMED_LOGIN.search(query):
+                raise ValueError(f"{name}: PostgreSQL queries name the login :login")
+        return cls(PostgresSource(conninfo, timeout), password_query, senders_query, senders)
+
+    def close(self) -> None:
+        """Close the database connections (a later call opens them again)."""
+        self.source.close()
 
     async def authenticate(self, login: str, password: str) -> AuthOutcome:
         refused = refuse_early(login, password)
