@@ -515,3 +515,46 @@ def test_disk_errors_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert reply.text == f"Mailbox {box / 'tmp'} unavailable: {os.strerror(code)}"
     assert "private" not in reply.text
     assert files(box / "new") == [] and files(box / "tmp") == []
+
+
+# --- several mailboxes at once ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"Subject: x\r\n\r\nline\r\n", b"a\rb\r\n\r\nc\nd\r\r\n",
+                                  b"no final line end"])
+def test_copies_store_what_single_deliveries_store(tmp_path: Path, body: bytes) -> None:
+    path = spool_file(tmp_path, body)
+    boxes = [tmp_path / f"box{i}" for i in range(3)]
+    names = maildir.deliver_copies(
+        [maildir.Copy(str(box), f"u{i}@example.org") for i, box in enumerate(boxes)],
+        str(path), return_path="a@example.net", hostname="mx.example.org")
+    single = put(tmp_path / "single", path, delivered_to="u0@example.org",
+                 return_path="a@example.net")
+    for i, (box, name) in enumerate(zip(boxes, names, strict=True)):
+        assert isinstance(name, str)
+        assert (box / "new" / name).read_bytes() == stored("a@example.net",
+                                                           f"u{i}@example.org", body)
+        assert name.split(",", 1)[1] == single.split(",", 1)[1]   # the same S= and W=
+        assert files(box / "tmp") == []
+
+
+def test_one_failing_copy_does_not_stop_the_others(tmp_path: Path) -> None:
+    path = spool_file(tmp_path, message())
+    (tmp_path / "blocked").write_text("a file where a Maildir should be")
+    results = maildir.deliver_copies(
+        [maildir.Copy(str(tmp_path / "ok1"), "a@x"),
+         maildir.Copy(str(tmp_path / "blocked" / "box"), "b@x"),
+         maildir.Copy(str(tmp_path / "full"), "c@x", quota=Quota(messages=0)),
+         maildir.Copy(str(tmp_path / "ok2"), "d@x")],
+        str(path), return_path="", hostname="h")
+    assert isinstance(results[0], str) and isinstance(results[3], str)
+    assert isinstance(results[1], MaildirError) and results[1].reply.status == "4.2.0"
+    assert isinstance(results[2], MaildirError) and results[2].reply.status == "4.2.2"
+    assert files(tmp_path / "full" / "new") == [] and files(tmp_path / "full" / "tmp") == []
+
+
+def test_a_missing_spool_file_fails_every_copy(tmp_path: Path) -> None:
+    results = maildir.deliver_copies([maildir.Copy(str(tmp_path / "a"), "a@x"),
+                                      maildir.Copy(str(tmp_path / "b"), "b@x")],
+                                     str(tmp_path / "gone"), return_path="", hostname="h")
+    assert [r.reply.status for r in results if isinstance(r, MaildirError)] == ["4.3.0"] * 2

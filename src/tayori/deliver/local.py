@@ -142,45 +142,60 @@ class LocalDeliverer:
             return Result(Reply(550, "5.1.3", "this local part cannot name a mailbox"))
 
     def _write_all(self, job: Delivery, mailboxes: list[tuple[Claim, str]]) -> list[Result]:
-        """On a worker thread: each message file written, fsync'd and linked in turn."""
-        action = job.action
-        results = []
-        for claim, path in mailboxes:
+        """On a worker thread: the copies tayori may write itself in one batch
+        (:func:`tayori.deliver.maildir.deliver_copies`), those of other owners through
+        the privileged helper."""
+        outcomes: list[str | maildir.MaildirError | None] = [None] * len(mailboxes)
+        batch: list[tuple[int, maildir.Copy]] = []
+        euid = os.geteuid()
+        for index, (claim, path) in enumerate(mailboxes):
             address = claim.address.lstrip("\\")
             try:
-                name = self._store(job, path, address, _folder(action, address))
+                owner = _owner(job.action, address)
             except maildir.MaildirError as exc:
-                reply = exc.reply
-                if reply.status == "4.2.2" and action.quota_hard:
-                    reply = Reply(552, "5.2.2", reply.text)
-                results.append(Result(reply, target=f"maildir:{path}"))
+                outcomes[index] = exc
                 continue
-            results.append(Result(Reply(250, "2.0.0", f"delivered to maildir as {name}"),
-                                  target=f"maildir:{path}", final=True))
-        return results
+            copy = maildir.Copy(path, address, _folder(job.action, address),
+                                owner if euid == 0 else None, quota_of(job.action))
+            if owner is None or euid == 0 or owner[0] == euid:
+                batch.append((index, copy))
+            else:
+                outcomes[index] = self._through_helper(job, owner[0], copy)
+        written = maildir.deliver_copies([copy for _, copy in batch], job.path,
+                                         return_path=job.message.sender,
+                                         hostname=self.config.hostname)
+        for (index, _), outcome in zip(batch, written, strict=True):
+            outcomes[index] = outcome
+        return [self._result(job.action, path, outcome)
+                for (_, path), outcome in zip(mailboxes, outcomes, strict=True)]
 
-    def _store(self, job: Delivery, path: str, address: str, folder: str) -> str:
-        """The message into the Maildir at ``path``, owned as the action says: by tayori
-        itself, or (root) chowned to the owner, or through the privileged helper."""
-        owner = _owner(job.action, address)
-        euid = os.geteuid()
-        if owner is None or euid == 0 or owner[0] == euid:
-            return maildir.deliver(
-                path, job.path, return_path=job.message.sender, delivered_to=address,
-                hostname=self.config.hostname, folder=folder, quota=quota_of(job.action),
-                owner=owner if euid == 0 else None)
+    @staticmethod
+    def _result(action: ActionConfig, path: str,
+                outcome: str | maildir.MaildirError | None) -> Result:
+        if isinstance(outcome, str):
+            return Result(Reply(250, "2.0.0", f"delivered to maildir as {outcome}"),
+                          target=f"maildir:{path}", final=True)
+        reply = outcome.reply if outcome is not None else Reply(451, "4.3.0", "not delivered")
+        if reply.status == "4.2.2" and action.quota_hard:
+            reply = Reply(552, "5.2.2", reply.text)
+        return Result(reply, target=f"maildir:{path}")
+
+    def _through_helper(self, job: Delivery, uid: int,
+                        copy: maildir.Copy) -> str | maildir.MaildirError:
+        """A Maildir owned by another account, written by the privileged helper."""
         try:
             with open(job.path, "rb") as source:
                 return privileged.write_maildir(
-                    owner[0], path, source.fileno(), return_path=job.message.sender,
-                    delivered_to=address, hostname=self.config.hostname, folder=folder,
-                    quota=quota_of(job.action))
+                    uid, copy.mailbox, source.fileno(), return_path=job.message.sender,
+                    delivered_to=copy.delivered_to, hostname=self.config.hostname,
+                    folder=copy.folder, quota=copy.quota)
         except FileNotFoundError:
-            raise maildir.MaildirError(Reply(451, "4.3.0", "Queued message file is "
-                                             "missing")) from None
+            return maildir.MaildirError(Reply(451, "4.3.0", "Queued message file is missing"))
         except privileged.HelperUnavailable as exc:
-            raise maildir.MaildirError(Reply(451, "4.3.5", "cannot write a mailbox owned "
-                                             f"by uid {owner[0]}: {exc}")) from None
+            return maildir.MaildirError(Reply(451, "4.3.5", "cannot write a mailbox owned "
+                                              f"by uid {uid}: {exc}"))
+        except maildir.MaildirError as exc:
+            return exc
 
     def _expanded(self, job: Delivery, claim: Claim, targets: list[str],
                   owner: str = "") -> Result:

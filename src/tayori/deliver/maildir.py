@@ -8,7 +8,11 @@ the host name for the file name, and optionally a Maildir++ ``folder``, the ``ow
 Promises:
 - :func:`deliver` returns the new file's name only when the message is durable in
   ``new/``: written to ``tmp/``, fsync'd, ``link()``ed (never renamed over anything)
-  into ``new/``, the ``tmp/`` name removed and ``new/`` fsync'd. A crash before the link
+  into ``new/``, ``new/`` fsync'd, then the ``tmp/`` name removed.
+  :func:`deliver_copies` does the same for several mailboxes, each step for all of them
+  before the next (so the file system commits its journal a few times per message, not
+  twice per mailbox), and reads and converts a small message once for all copies; one
+  mailbox's failure leaves the others' copies alone. A crash before the link
   leaves at most a file in ``tmp/`` (Dovecot deletes ``tmp/`` files older than 36 hours
   when it next syncs the folder); ``new/`` never holds a partial file. Delivery is
   at-least-once: a crash after the link but before the caller records the outcome
@@ -89,12 +93,13 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from tayori.errors import Reply
 
 CHUNK = 256 * 1024
+CACHE_LIMIT = 1024 * 1024   # messages read once for all the copies of a batch
 PARENT_MODE = 0o711    # directories created above a Maildir
 MAILDIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -180,6 +185,18 @@ def usage(mailbox: str) -> Usage:
     return Usage(total, count)
 
 
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """One mailbox's copy of a message (:func:`deliver_copies`): the Maildir root, the
+    ``Delivered-To`` address, and optionally a folder, an owner and a quota."""
+
+    mailbox: str
+    delivered_to: str
+    folder: str = ""
+    owner: tuple[int, int] | None = None
+    quota: Quota | None = None
+
+
 def deliver(mailbox: str, message_path: str, *, return_path: str, delivered_to: str,
             hostname: str, folder: str = "", owner: tuple[int, int] | None = None,
             quota: Quota | None = None) -> str:
@@ -189,19 +206,8 @@ def deliver(mailbox: str, message_path: str, *, return_path: str, delivered_to: 
     (nothing delivered), ValueError for arguments no caller should pass (a line break in
     an address or the host name, a folder name :func:`valid_folder` refuses).
     """
-    try:
-        source = os.open(message_path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise MaildirError(Reply(451, "4.3.0", "Queued message file is missing")) from None
-    except OSError as exc:
-        raise MaildirError(Reply(451, "4.3.0", "Cannot read the queued message: "
-                                 f"{_strerror(exc)}")) from None
-    try:
-        return deliver_from(mailbox, source, return_path=return_path,
-                            delivered_to=delivered_to, hostname=hostname, folder=folder,
-                            owner=owner, quota=quota)
-    finally:
-        os.close(source)
+    return _one(deliver_copies([Copy(mailbox, delivered_to, folder, owner, quota)],
+                               message_path, return_path=return_path, hostname=hostname))
 
 
 def deliver_from(mailbox: str, source: int, *, return_path: str, delivered_to: str,
@@ -209,16 +215,86 @@ def deliver_from(mailbox: str, source: int, *, return_path: str, delivered_to: s
                  quota: Quota | None = None) -> str:
     """:func:`deliver` from an open descriptor of the message (read with ``pread``, from
     offset 0; the caller closes it): what the privileged helper is handed."""
-    header = _trace_header(return_path, delivered_to)
-    if folder and not valid_folder(folder):
-        raise ValueError(f"invalid Maildir folder name: {folder!r}")
-    host = _escape_host(hostname)
-    root = os.path.abspath(mailbox)
+    return _one(_deliver_all([Copy(mailbox, delivered_to, folder, owner, quota)], source,
+                             return_path, hostname))
+
+
+def deliver_copies(copies: Sequence[Copy], message_path: str, *, return_path: str,
+                   hostname: str) -> list[str | MaildirError]:
+    """:func:`deliver` into several mailboxes at once: for each copy the name it got, or
+    the error that kept it out (the others go on). Every file is written first, then all
+    are fsync'd, then linked into ``new/``, then the ``new/`` directories fsync'd: the
+    file system commits its journal a few times per message instead of twice per
+    mailbox. A small message is read and converted once for all copies."""
     try:
-        with _Target.open(root, folder, owner) as target:
-            return target.store(header, source, host, owner, quota)
+        source = os.open(message_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise MaildirError(_reply_for(exc, root)) from None
+        reply = Reply(451, "4.3.0", "Queued message file is missing"
+                      if isinstance(exc, FileNotFoundError)
+                      else f"Cannot read the queued message: {_strerror(exc)}")
+        return [MaildirError(reply) for _ in copies]
+    try:
+        return _deliver_all(copies, source, return_path, hostname)
+    finally:
+        os.close(source)
+
+
+def _one(results: list[str | MaildirError]) -> str:
+    (result,) = results
+    if isinstance(result, MaildirError):
+        raise result
+    return result
+
+
+def _deliver_all(copies: Sequence[Copy], source: int, return_path: str,
+                 hostname: str) -> list[str | MaildirError]:
+    host = _escape_host(hostname)
+    headers = [_trace_header(return_path, copy.delivered_to) for copy in copies]
+    for copy in copies:
+        if copy.folder and not valid_folder(copy.folder):
+            raise ValueError(f"invalid Maildir folder name: {copy.folder!r}")
+    body = _Body(source, len(copies))
+    with contextlib.ExitStack() as stack:
+        steps: list[_Staged | MaildirError] = [
+            _stage(stack, copy, header, body, host) for copy, header in zip(
+                copies, headers, strict=True)]
+        for action in (_Staged.sync, _Staged.link):
+            steps = [_attempt(step, action) for step in steps]
+        synced: set[int] = set()
+        steps = [_attempt(step, lambda s: s.sync_new(synced)) for step in steps]
+        for step in steps:
+            if isinstance(step, _Staged):
+                step.target.note_size(step.size)
+    return [step.name if isinstance(step, _Staged) else step for step in steps]
+
+
+def _stage(stack: contextlib.ExitStack, copy: Copy, header: bytes, body: _Body,
+           host: str) -> _Staged | MaildirError:
+    root = os.path.abspath(copy.mailbox)
+    try:
+        target = stack.enter_context(_Target.open(root, copy.folder, copy.owner))
+        staged = target.write(header, body, host, copy.owner, copy.quota)
+    except OSError as exc:
+        return MaildirError(_reply_for(exc, root))
+    except MaildirError as exc:
+        return exc
+    stack.callback(staged.discard)
+    return staged
+
+
+def _attempt(step: _Staged | MaildirError,
+             action: Callable[[_Staged], None]) -> _Staged | MaildirError:
+    if isinstance(step, MaildirError):
+        return step
+    try:
+        action(step)
+    except OSError as exc:
+        step.discard()
+        return MaildirError(_reply_for(exc, step.target.root_path))
+    except MaildirError as exc:
+        step.discard()
+        return exc
+    return step
 
 
 # --- the mailbox's directories ------------------------------------------------------------
@@ -264,25 +340,27 @@ class _Target:
         except FileNotFoundError:
             _make_root(root, owner)
             self.root = self._keep(os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW))
+        key = (root, folder)
+        first = key not in _known   # this process's first delivery into this box
         self.box = self.root
-        if folder:   # the root is a Maildir too (INBOX), whatever is delivered first
-            for name in ("tmp", "new", "cur"):
-                os.close(self._subdir(self.root, root, name, owner, keep=False))
+        if folder:
+            if first:   # the root is a Maildir too (INBOX), whatever is delivered first
+                for name in ("tmp", "new", "cur"):
+                    os.close(self._subdir(self.root, root, name, owner, keep=False))
             self.box = self._subdir(self.root, root, "." + folder, owner)
         self.tmp = self._subdir(self.box, self.box_path, "tmp", owner)
         self.new = self._subdir(self.box, self.box_path, "new", owner)
-        os.close(self._subdir(self.box, self.box_path, "cur", owner, keep=False))
-        if folder:
-            with _naming(self.box_path, "maildirfolder"):
-                self._mark_folder(owner)
-        key = (root, folder)
-        if key not in _known:
+        if first:
+            os.close(self._subdir(self.box, self.box_path, "cur", owner, keep=False))
+            if folder:
+                with _naming(self.box_path, "maildirfolder"):
+                    self._mark_folder(owner)
             # Another process may have just made these and not yet fsync'd them.
             _fsync_path(os.path.dirname(root))
             self.dirty.update((self.root, self.box))
         for fd in self.dirty:
             os.fsync(fd)
-        if key not in _known:
+        if first:
             with _known_lock:
                 if len(_known) >= _KNOWN_MAX:
                     _known.clear()
@@ -291,12 +369,14 @@ class _Target:
     def _subdir(self, parent: int, parent_path: str, name: str,
                 owner: tuple[int, int] | None, keep: bool = True) -> int:
         with _naming(parent_path, name):
-            created = True
-            try:
-                os.mkdir(name, MAILDIR_MODE, dir_fd=parent)
-            except FileExistsError:
-                created = False
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            created = False
+            try:   # it exists, nearly always: one system call
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):   # or a concurrent delivery made it
+                    os.mkdir(name, MAILDIR_MODE, dir_fd=parent)
+                    created = True
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
             if keep:
                 self._keep(fd)
             if created:
@@ -322,42 +402,27 @@ class _Target:
 
     # --- storing ----------------------------------------------------------------------
 
-    def store(self, header: bytes, source: int, host: str, owner: tuple[int, int] | None,
-              quota: Quota | None) -> str:
+    def write(self, header: bytes, body: _Body, host: str, owner: tuple[int, int] | None,
+              quota: Quota | None) -> _Staged:
+        """The message in a new ``tmp/`` file, not yet fsync'd (:class:`_Staged` goes
+        on)."""
         used = usage(self.root_path) if quota is not None else Usage(0, 0)
         if quota is not None and not quota.allows(used, 0):   # full before a byte is written
             raise MaildirError(OVER_QUOTA)
         with _naming(self.box_path, "tmp"):
             base, fd = self._create_tmp(host)
+        staged = _Staged(self, base, fd, host)
         try:
             with _naming(self.box_path, "tmp"):
-                try:
-                    if owner is not None:
-                        os.fchown(fd, *owner)
-                    size, vsize = _copy(fd, header, source)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            if quota is not None and not quota.allows(used, size):
+                if owner is not None:
+                    os.fchown(fd, *owner)
+                staged.size, staged.vsize = body.write(fd, header)
+            if quota is not None and not quota.allows(used, staged.size):
                 raise MaildirError(OVER_QUOTA)
-            name = f"{base},S={size},W={vsize}"
-            with _naming(self.box_path, "new"):
-                for _ in range(NAME_TRIES):
-                    try:
-                        os.link(base, name, src_dir_fd=self.tmp, dst_dir_fd=self.new,
-                                follow_symlinks=False)
-                        break
-                    except FileExistsError:
-                        name = f"{_unique_base(host)},S={size},W={vsize}"
-                else:
-                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(base, dir_fd=self.tmp)
-        with _naming(self.box_path, "new"):
-            os.fsync(self.new)
-        self._note_size(size)
-        return name
+        except BaseException:
+            staged.discard()
+            raise
+        return staged
 
     def _create_tmp(self, host: str) -> tuple[str, int]:
         for _ in range(NAME_TRIES):
@@ -370,7 +435,7 @@ class _Target:
             return base, fd
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
 
-    def _note_size(self, size: int) -> None:
+    def note_size(self, size: int) -> None:
         """Append to Maildir++ ``maildirsize`` when there is one (best effort: Dovecot
         and Courier recalculate it when it looks wrong)."""
         try:
@@ -381,6 +446,96 @@ class _Target:
         with contextlib.suppress(OSError):
             os.write(fd, f"{size} 1\n".encode())
         os.close(fd)
+
+
+class _Staged:
+    """A copy written to ``tmp/``: :meth:`sync` (fsync the file), :meth:`link` (into
+    ``new/``), :meth:`sync_new` (fsync ``new/``), in that order; :meth:`discard` removes
+    the ``tmp/`` name (always, in the end: after the link, the file lives on in ``new/``)."""
+
+    def __init__(self, target: _Target, base: str, fd: int, host: str) -> None:
+        self.target, self.base, self.fd, self.host = target, base, fd, host
+        self.size = self.vsize = 0
+        self.name = ""
+        self._discarded = False
+
+    def sync(self) -> None:
+        with _naming(self.target.box_path, "tmp"):
+            os.fsync(self.fd)
+        self._close()
+
+    def link(self) -> None:
+        target = self.target
+        name = f"{self.base},S={self.size},W={self.vsize}"
+        with _naming(target.box_path, "new"):
+            for _ in range(NAME_TRIES):
+                try:
+                    os.link(self.base, name, src_dir_fd=target.tmp, dst_dir_fd=target.new,
+                            follow_symlinks=False)
+                    break
+                except FileExistsError:
+                    name = f"{_unique_base(self.host)},S={self.size},W={self.vsize}"
+            else:
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+        self.name = name
+
+    def sync_new(self, synced: set[int]) -> None:
+        """fsync ``new/`` unless this batch did already (``synced``: its descriptors)."""
+        target = self.target
+        if target.new not in synced:
+            with _naming(target.box_path, "new"):
+                os.fsync(target.new)
+            synced.add(target.new)
+
+    def discard(self) -> None:
+        self._close()
+        if not self._discarded:
+            self._discarded = True
+            with contextlib.suppress(OSError):
+                os.unlink(self.base, dir_fd=self.target.tmp)
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _Body:
+    """The message to store, from the spool file: read and converted to LF line ends
+    once when it is small (:data:`CACHE_LIMIT`) and several copies are written, else
+    streamed for each copy."""
+
+    def __init__(self, source: int, copies: int) -> None:
+        self.source = source
+        self.cached: tuple[bytes, int] | None = None   # the LF text, its CRLF size
+        self.shared = copies > 1
+
+    def write(self, fd: int, header: bytes) -> tuple[int, int]:
+        """``header`` and the message into ``fd``; its size and its CRLF size."""
+        if self.shared and self.cached is None and os.fstat(self.source).st_size <= \
+                CACHE_LIMIT:
+            self.cached = _converted(self.source)
+        if self.cached is None:
+            return _copy(fd, header, self.source)
+        text, text_vsize = self.cached
+        _write_all(fd, [header, text])
+        return len(header) + len(text), len(header) + header.count(b"\n") + text_vsize
+
+
+def _converted(source: int) -> tuple[bytes, int]:
+    """The whole spool file with LF line ends, and its size with CRLF line ends."""
+    parts, offset = [], 0
+    while chunk := _pread(source, offset):
+        parts.append(chunk)
+        offset += len(chunk)
+    text = b"".join(parts).replace(b"\r\n", b"\n")
+    return text, len(text) + text.count(b"\n") - text.count(b"\r\n")
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    view = memoryview(b"".join(parts))
+    while view:
+        view = view[os.write(fd, view):]
 
 
 @contextlib.contextmanager
@@ -457,11 +612,7 @@ def _copy(fd: int, header: bytes, source: int) -> tuple[int, int]:
     put(header)
     offset = 0
     while True:
-        try:
-            chunk = os.pread(source, CHUNK, offset)
-        except OSError as exc:
-            raise MaildirError(Reply(451, "4.3.0", "Cannot read the queued message: "
-                                     f"{_strerror(exc)}")) from None
+        chunk = _pread(source, offset)
         if not chunk:
             break
         offset += len(chunk)
@@ -474,6 +625,14 @@ def _copy(fd: int, header: bytes, source: int) -> tuple[int, int]:
     if pending:
         put(pending)
     return size, vsize
+
+
+def _pread(source: int, offset: int) -> bytes:
+    try:
+        return os.pread(source, CHUNK, offset)
+    except OSError as exc:
+        raise MaildirError(Reply(451, "4.3.0", "Cannot read the queued message: "
+                                 f"{_strerror(exc)}")) from None
 
 
 def _trace_header(return_path: str, delivered_to: str) -> bytes:
