@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -200,12 +202,26 @@ def test_ipv6_prefix_is_configurable() -> None:
     assert not guard.is_banned("2001:db8::2", T0)
 
 
-def test_the_guard_remembers_a_bounded_number_of_clients() -> None:
-    guard = LoginGuard(max_failures=2, window=600, ban_time=HOUR, max_keys=2)
+def test_the_guard_forgets_failures_that_aged_out(tmp_path: Path) -> None:
+    guard = LoginGuard(max_failures=2, window=600, ban_time=HOUR,
+                       path=str(tmp_path / "logins.sqlite3"))
     for ip in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
         guard.record_failure(ip, T0)
-    assert guard.failures("192.0.2.1", T0) == 0  # forgotten
-    assert guard.failures("192.0.2.3", T0) == 1
+    guard.record_failure("192.0.2.4", T0 + 601)   # writing deletes what has aged out
+    rows = sqlite3.connect(tmp_path / "logins.sqlite3").execute(
+        "SELECT key FROM failures").fetchall()
+    assert rows == [("192.0.2.4",)]
+
+
+def test_workers_share_the_counts_and_the_bans(tmp_path: Path) -> None:
+    path = str(tmp_path / "logins.sqlite3")
+    first, second = (LoginGuard(max_failures=2, window=600, ban_time=HOUR, path=path)
+                     for _ in range(2))
+    assert first.record_failure("192.0.2.1", T0) is False
+    assert second.record_failure("192.0.2.1", T0 + 1) is True   # the second failure in all
+    assert first.is_banned("192.0.2.1", T0 + 2)
+    reopened = LoginGuard(max_failures=2, window=600, ban_time=HOUR, path=path)
+    assert reopened.ban_remaining("192.0.2.1", T0 + 1) == HOUR   # and it survives a restart
 
 
 def test_nonsense_guard_settings_are_refused() -> None:

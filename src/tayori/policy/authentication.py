@@ -10,8 +10,10 @@ Promises:
   same); ``454 4.7.0`` when the directory cannot answer (in ``auth.timeout``);
   ``421 4.7.0`` when the client's address (IPv6: its /64) is banned, or this failure
   is its ``auth.max_failures``-th within ``auth.failure_window``: then it is banned for
-  ``auth.ban_time``. Every failure and ban is logged (``auth-failure``, ``auth-ban``
-  with ``client=[IP]`` first, for fail2ban); a password never is.
+  ``auth.ban_time``. Failures and bans are counted for all worker processes together,
+  in ``<spool>/logins.sqlite3``, and survive a restart. Every failure and ban is logged
+  (``auth-failure``, ``auth-ban`` with ``client=[IP]`` first, for fail2ban); a password
+  never is.
 - :meth:`Authenticator.sender_refusal` applies ``auth.sender_policy``: with ``owned``,
   an authenticated login may use only its own sender addresses (``553 5.7.1``).
 - :meth:`Authenticator.ban` lets the session refuse a banned client at connect.
@@ -24,6 +26,8 @@ Standards: RFC 4954 §6 (reply codes), RFC 6409 §6.1 (submission sender checks)
 from __future__ import annotations
 
 import asyncio
+import os
+import sqlite3
 import time
 
 from tayori import maillog
@@ -37,6 +41,7 @@ from tayori.policy.userdb_file import FileUsers
 from tayori.policy.userdb_ldap import LdapSettings, LdapUsers
 from tayori.policy.userdb_sql import SqlUsers
 
+LOGINS_FILE = "logins.sqlite3"
 DIRECTORY_TROUBLE = Reply(451, "4.3.0", "Cannot check the sender address now, try again later")
 
 
@@ -62,12 +67,14 @@ def directory_of(config: AuthConfig) -> UserDirectory:
 
 
 class Authenticator:
-    """One per worker process: the directory and the ban list its sessions share."""
+    """One per worker process: the directory its sessions share, and the ban list all
+    workers share (``<spool>/logins.sqlite3``)."""
 
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(self, config: AuthConfig, spool: str) -> None:
         self.config = config
         self.directory = directory_of(config)
-        self.guard = LoginGuard(config.max_failures, config.failure_window, config.ban_time)
+        self.guard = LoginGuard(config.max_failures, config.failure_window, config.ban_time,
+                                path=os.path.join(spool, LOGINS_FILE))
 
     def update(self, config: AuthConfig) -> None:
         """A reloaded config: a new directory; the failures and bans counted stay."""
@@ -80,14 +87,28 @@ class Authenticator:
         self.guard.window, self.guard.ban_time = config.failure_window, config.ban_time
 
     def ban(self, client_ip: str) -> Reply | None:
-        remaining = self.guard.ban_remaining(client_ip, time.time())
+        """``421`` for a banned client (at connect); None otherwise, and when the ban list
+        cannot be read (logged; the AUTH command then fails closed)."""
+        try:
+            remaining = self.guard.ban_remaining(client_ip, time.time())
+        except sqlite3.Error as exc:
+            maillog.error("auth-bans-unavailable", reason=str(exc))
+            return None
         return ban_reply(remaining) if remaining else None
 
     async def login(self, session: str, client_ip: str, mechanism: str, login: str,
                     password: str) -> Reply:
-        banned = self.ban(client_ip)
-        if banned is not None:
-            return banned
+        try:
+            return await self._login(session, client_ip, mechanism, login, password)
+        except sqlite3.Error as exc:   # no ban list, no login: password guessing unbounded
+            maillog.error("auth-bans-unavailable", session=session, reason=str(exc))
+            return AuthOutcome.temporary("the ban list is unavailable").reply
+
+    async def _login(self, session: str, client_ip: str, mechanism: str, login: str,
+                     password: str) -> Reply:
+        remaining = self.guard.ban_remaining(client_ip, time.time())
+        if remaining:
+            return ban_reply(remaining)
         outcome = await self._ask(login, password)
         if outcome.ok:
             self.guard.record_success(client_ip)

@@ -17,18 +17,20 @@ Promises:
   the ``max_failures``-th failure within ``window`` seconds bans the network for
   ``ban_time`` seconds (the session answers :func:`ban_reply`, ``421 4.7.0``, and
   closes). A success clears the failures counted so far, not a ban in force.
-- Memory is bounded: each store keeps at most ``max_keys`` keys, dropping the least
-  recently used first (a dropped bucket starts full again, a dropped failure count
-  starts at zero: under a flood of distinct keys a limit is forgiven, memory is not
-  lost). IPv6 clients are keyed by their /64 by default (:func:`client_network`), so
-  one host cannot escape a limit by hopping addresses inside its own prefix.
+- Memory is bounded: the buckets keep at most ``max_keys`` keys, dropping the least
+  recently used first (a dropped bucket starts full again: under a flood of distinct
+  keys a limit is forgiven, memory is not lost); the login guard's SQLite file deletes
+  what has aged out. IPv6 clients are keyed by their /64 by default
+  (:func:`client_network`), so one host cannot escape a limit by hopping addresses
+  inside its own prefix.
 
 Connections per IP, messages per connection and recipients per message are not here:
 they are counts within a session or across workers (``limits.max_connections_per_ip``
 in :mod:`tayori.receive.connections`, ``limits.max_recipients`` in the SMTP engine).
-The state is per process: with several workers each keeps its own buckets and
-failure counts, so a client spread over workers may get up to ``workers`` times a
-limit. The ban log lines below let fail2ban enforce bans server-wide at the firewall.
+The buckets are per process: with several workers each keeps its own, so a client
+spread over workers may get up to ``workers`` times a rate. The login guard is shared
+by all workers through its file (``<spool>/logins.sqlite3``). The ban log lines below
+let fail2ban also ban at the firewall.
 
 Log lines for fail2ban. The lead logs these through :mod:`tayori.maillog` with the
 fields from :func:`auth_failure_fields` / :func:`auth_ban_fields`, ``client`` first::
@@ -43,8 +45,9 @@ it (maillog also quotes any value with a space)::
 
     failregex = ^\\S+ \\S+ auth-(?:failure|ban) (?:session=\\S+ )?client=\\[<HOST>\\]
 
-Failure policy: pure in-memory operations; a malformed IP address raises ValueError
-(a caller's bug: the listener hands over parsed addresses).
+Failure policy: the buckets are pure in-memory operations; the login guard raises
+sqlite3.Error when its file cannot be used (the caller fails closed); a malformed IP
+address raises ValueError (a caller's bug: the listener hands over parsed addresses).
 Config keys (proposed): ``limits.messages_per_sender``, ``limits.recipients_per_sender``,
 ``limits.messages_per_ip``, ``limits.recipients_per_ip`` (``"100/1h"``: count per
 duration; burst = count), ``auth.max_failures`` (5), ``auth.failure_window`` ("10m"),
@@ -57,7 +60,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections import OrderedDict, deque
+import os
+import sqlite3
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -181,22 +186,24 @@ class LoginGuard:
     Clients are keyed with :func:`client_network` (IPv4 per address, IPv6 per
     ``ipv6_prefix``). A ban lasts ``ban_time`` seconds; during it, failures are not
     counted (the session should not even have asked: check :meth:`is_banned` first).
+    The counts and bans live in an SQLite file (``path``) that every worker process
+    opens, so they hold for the whole service and across restarts; ``":memory:"``
+    keeps them in this process only. Old failures and ended bans are deleted as new
+    ones are written, so the file stays small.
     """
 
     def __init__(self, max_failures: int = 5, window: float = 600.0,
                  ban_time: float = 3600.0, *, ipv6_prefix: int = 64,
-                 max_keys: int = DEFAULT_MAX_KEYS) -> None:
+                 path: str = ":memory:") -> None:
         if max_failures < 1 or window <= 0 or ban_time <= 0:
             raise ValueError("max_failures, window and ban_time must be positive")
-        if max_keys < 1:
-            raise ValueError("max_keys must be at least 1")
         self.max_failures = max_failures
         self.window = window
         self.ban_time = ban_time
         self._ipv6_prefix = ipv6_prefix
-        self._max_keys = max_keys
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._bans: OrderedDict[str, float] = OrderedDict()  # key -> banned until
+        self._path = path
+        self._db: sqlite3.Connection | None = None
+        self._pid = 0
 
     def key(self, ip: str) -> str:
         """The network ``ip`` is counted under."""
@@ -207,40 +214,56 @@ class LoginGuard:
 
     def ban_remaining(self, ip: str, now: float) -> float:
         """Seconds left of the ban on ``ip``'s network; 0 when it is not banned."""
-        key = self.key(ip)
-        until = self._bans.get(key)
-        if until is None:
-            return 0.0
-        if until <= now:
-            del self._bans[key]
-            return 0.0
-        return until - now
+        row = self._store().execute("SELECT until FROM bans WHERE key = ?",
+                                    (self.key(ip),)).fetchone()
+        return max(0.0, row[0] - now) if row else 0.0
 
     def failures(self, ip: str, now: float) -> int:
         """Failed logins from ``ip``'s network in the window ending ``now``."""
-        times = self._failures.get(self.key(ip))
-        return 0 if times is None else sum(1 for t in times if t > now - self.window)
+        row = self._store().execute("SELECT COUNT(*) FROM failures WHERE key = ? AND at > ?",
+                                    (self.key(ip), now - self.window)).fetchone()
+        return int(row[0])
 
     def record_failure(self, ip: str, now: float) -> bool:
         """Count a failed login; True when this failure starts a ban."""
-        if self.is_banned(ip, now):
-            return False
         key = self.key(ip)
-        times = self._failures.pop(key, None) or deque(maxlen=self.max_failures)
-        times.append(now)
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        if len(times) < self.max_failures:
-            self._failures[key] = times
-            _trim(self._failures, self._max_keys)
-            return False
-        self._bans[key] = now + self.ban_time
-        _trim(self._bans, self._max_keys)
+        db = self._store()
+        with db:
+            if self.is_banned(ip, now):
+                return False
+            db.execute("DELETE FROM failures WHERE at <= ?", (now - self.window,))
+            db.execute("INSERT INTO failures (key, at) VALUES (?, ?)", (key, now))
+            if self.failures(ip, now) < self.max_failures:
+                return False
+            db.execute("DELETE FROM bans WHERE until <= ?", (now,))
+            db.execute("INSERT OR REPLACE INTO bans (key, until) VALUES (?, ?)",
+                       (key, now + self.ban_time))
+            db.execute("DELETE FROM failures WHERE key = ?", (key,))
         return True
 
     def record_success(self, ip: str) -> None:
         """A login succeeded: forget the failures counted (a ban in force stays)."""
-        self._failures.pop(self.key(ip), None)
+        db = self._store()
+        with db:
+            db.execute("DELETE FROM failures WHERE key = ?", (self.key(ip),))
+
+    def _store(self) -> sqlite3.Connection:
+        """The connection of this process (a forked worker opens its own)."""
+        if self._db is None or self._pid != os.getpid():
+            db = sqlite3.connect(self._path, timeout=2.0, isolation_level="IMMEDIATE",
+                                 check_same_thread=False)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")   # a ban lost to a crash is no harm
+            db.executescript(_LOGIN_SCHEMA)
+            self._db, self._pid = db, os.getpid()
+        return self._db
+
+
+_LOGIN_SCHEMA = """
+CREATE TABLE IF NOT EXISTS failures (key TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS failures_key ON failures (key, at);
+CREATE TABLE IF NOT EXISTS bans (key TEXT PRIMARY KEY, until REAL NOT NULL);
+"""
 
 
 def ban_reply(seconds: float) -> Reply:

@@ -63,7 +63,7 @@ class Receiver:
         self.config = config
         self.rules = Rules(config)
         self.local = LocalRecipients(config)
-        self.authenticator = Authenticator(config.auth)
+        self.authenticator = Authenticator(config.auth, config.spool)
         self.screening = Screening(config)
         self.connections = connections or ConnectionTable(1)
         self._tls: dict[str, tls.CertificateChoice] = {}
