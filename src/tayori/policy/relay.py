@@ -6,8 +6,12 @@ Promises: :meth:`Rules.route` returns the action name of the first rule that mat
 or None: a recipient no rule accepts is refused at RCPT with ``554 5.7.1`` (no open
 relay, DESIGN §2.6). :meth:`Rules.route_internal` routes mail tayori writes itself
 (DSNs to senders it accepted mail from) by the rules' domains alone. Domains match
-exactly, case-insensitively (``*.example.org`` for its subdomains);
-address literals match only when a table lists them.
+exactly, case-insensitively (``*.example.org`` for its subdomains); address literals
+match only when a table lists them. A client's IPv4-mapped IPv6 address
+(``::ffff:192.0.2.1``) is its IPv4 address for the network tables.
+:func:`sender_routed` tells whether a local part carries sender-specified routing
+(``user%host``, ``host!user``, ``"user@host"``), which tayori never follows (routing
+sees the domain only) but a next hop might: a recipient for RCPT to refuse.
 Failure policy: pure; the config loader has already refused malformed tables.
 Config keys: ``tables``, ``match``.
 """
@@ -21,6 +25,19 @@ from tayori.address import check_address_literal, to_ascii_domain
 from tayori.config import Config
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+ROUTING_CHARACTERS = frozenset("@%!")
+
+
+def sender_routed(local: str) -> bool:
+    """Whether a local part names another destination: ``user%host`` (the percent hack),
+    ``host!user`` (a UUCP bang path) or an ``@`` (only possible quoted: ``"user@host"``).
+
+    Postfix's ``allow_percent_hack = no`` and ``swap_bangpath = no`` keep such a
+    recipient from being rewritten, and its ``reject_unauth_destination`` refuses one
+    bound for a relay domain; Exim's default ACL refuses these characters outright.
+    Quoting and backslash escapes do not hide them, so the text is checked as written.
+    """
+    return not ROUTING_CHARACTERS.isdisjoint(local)
 
 
 @dataclass(frozen=True, slots=True)
