@@ -8,9 +8,10 @@ everything it accepts there. ``SmtpSink`` runs Postfix's ``smtp-sink`` test serv
 ``DovecotLmtp`` is a private Dovecot delivering over LMTP (TCP and a unix socket) into
 Maildirs with quotas, ``DovecotImap`` one serving IMAP over Maildirs that tests fill
 (both :class:`DovecotInstance`); ``Unbound`` a DNS server answering only for the test's
-own zones. Each has its own directory from :func:`tempfile.mkdtemp` and a log file, and its class
-docstring lists what was learnt making it work. (The scriptable SMTP/LMTP peer lives in
-the package: :mod:`tayori.testing.peer`.)
+own zones. Each has its own directory from :func:`tempfile.mkdtemp` and a log file, and its
+class docstring lists what was learnt making it work; what they share (starting and waiting,
+the log in a failure, stopping, ``with``) is :class:`PrivateDaemon`. (The scriptable SMTP/LMTP
+peer lives in the package: :mod:`tayori.testing.peer`.)
 
 What was found to work here (Postfix 3.7, Debian 12, as root):
 
@@ -47,7 +48,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Any, ClassVar, Self
 
 from harness import TIMEOUT, Client, free_port, wait_for, which_peer
 
@@ -107,8 +108,114 @@ def proc_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15) -> int:
+    """SIGTERM, then SIGKILL if the process lingers; its exit status."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait(timeout)
+
+
+def tail(path: Path, size: int = 3000) -> str:
+    """The end of a log file ("" when it does not exist)."""
+    try:
+        return path.read_text(errors="replace")[-size:]
+    except OSError:
+        return ""
+
+
+def unix_listening(path: Path) -> bool:
+    """True when something accepts connections on the unix socket ``path``."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(1)
+            sock.connect(str(path))
+            return True
+    except OSError:
+        return False
+
+
 @dataclass
-class PostfixInstance:
+class PrivateDaemon:
+    """What every private daemon here shares (:mod:`peers_auth`'s too); a base class.
+
+    :attr:`root` is the daemon's own directory, made by the subclass's ``__post_init__``
+    with :func:`tempfile.mkdtemp` once it knows the program is installed (a missing one
+    skips the test first). :meth:`spawn` runs the daemon in the foreground as
+    :attr:`process`, its output appended to ``<root>/stderr.log``, and waits until
+    :meth:`ready`, failing at once if the process exits. :meth:`wait_for` is
+    harness.wait_for with the end of :meth:`log` (by default that output; a subclass with
+    its own log file says so) in the failure, which :attr:`label` names. :meth:`halt`
+    stops the daemon (SIGTERM, then SIGKILL, to :attr:`process`; a daemon that detaches
+    overrides it) and :meth:`stop` also removes the directory unless ``keep``;
+    ``with Daemon(...) as daemon`` starts it and stops it. ``keep`` is keyword-only, so
+    that a subclass's own fields keep their positions (``Slapd(users)``).
+    """
+
+    label: ClassVar[str] = "daemon"
+
+    keep: bool = field(default=False, kw_only=True)
+    root: Path = field(init=False)
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """True once the daemon serves (its listeners accept connections)."""
+        raise NotImplementedError
+
+    def spawn(self, args: list[str], what: str, output: Path | None = None,
+              **popen: Any) -> None:
+        """Run ``args`` as :attr:`process`, stdout and stderr appended to ``output``
+        (default ``<root>/stderr.log``; ``popen``: more Popen arguments), and wait for
+        :meth:`ready`."""
+        with open(output or self.root / "stderr.log", "ab") as out:
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
+                                            **popen)
+        self.wait_for(self._up, what=what)
+
+    def _up(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"{self.label} exited {self.process.returncode}")
+        return self.ready()
+
+    def wait_for(self, condition: Callable[[], object], timeout: float = TIMEOUT,
+                 interval: float = 0.02, what: str = "condition") -> object:
+        """harness.wait_for, with the end of the daemon's log in the failure."""
+        try:
+            return wait_for(condition, timeout=timeout, interval=interval, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {self.label} log:\n{self.log()[-6000:]}") from None
+
+    def log(self) -> str:
+        """The end of its output (``<root>/stderr.log``)."""
+        return tail(self.root / "stderr.log")
+
+    def halt(self) -> None:
+        """Stop the daemon; its directory stays."""
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+    def stop(self) -> None:
+        """Stop the daemon and remove its directory unless ``keep``."""
+        self.halt()
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class PostfixInstance(PrivateDaemon):
     """A private Postfix: ``PostfixInstance(relayhost="[127.0.0.1]:2525").start()``.
 
     ``port`` is its smtpd port on 127.0.0.1 (0: a free one). ``settings`` are extra
@@ -123,10 +230,10 @@ class PostfixInstance:
     mydestination: str = ""
     settings: dict[str, str] = field(default_factory=dict)
     hostname: str = "postfix.test"
-    keep: bool = False
     parent: Path | None = None
-    root: Path = field(init=False)
     started: bool = False
+
+    label: ClassVar[str] = "postfix"
 
     def __post_init__(self) -> None:
         postfix_available()  # skip before making anything
@@ -216,7 +323,7 @@ class PostfixInstance:
                                  f"{result.stderr}{self.log()[-2000:]}")
         return result
 
-    def start(self) -> PostfixInstance:
+    def start(self) -> Self:
         self.configure()
         self._postfix("start")
         self.started = True
@@ -224,14 +331,6 @@ class PostfixInstance:
                       what=f"postfix to listen on {self.port}")
         self.wait_for(self.master_pid, what="postfix master.pid")
         return self
-
-    def wait_for(self, condition: Callable[[], object], timeout: float = TIMEOUT,
-                 interval: float = 0.02, what: str = "condition") -> object:
-        """harness.wait_for, with the tail of Postfix's log in the failure."""
-        try:
-            return wait_for(condition, timeout=timeout, interval=interval, what=what)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; postfix log:\n{self.log()[-3000:]}") from None
 
     def master_pid(self) -> int | None:
         try:
@@ -241,9 +340,9 @@ class PostfixInstance:
         pid = int(text) if text.isdigit() else 0
         return pid if pid and proc_alive(pid) else None
 
-    def stop(self) -> None:
-        """Stop Postfix (``postfix stop``, then ``abort`` and SIGKILL if it lingers) and
-        remove its directory unless ``keep``."""
+    def halt(self) -> None:
+        """Stop Postfix (``postfix stop``, then ``abort`` and SIGKILL if it lingers):
+        it detaches, so there is no :attr:`process`, only its master's pid file."""
         if self.started:
             pid = self.master_pid()
             self._postfix("stop", check=False)
@@ -256,18 +355,11 @@ class PostfixInstance:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
             self.started = False
-        if not self.keep:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> PostfixInstance:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # --- looking at it ------------------------------------------------------------------
 
     def log(self) -> str:
+        """The whole maillog (:meth:`wait_for` shows its end)."""
         try:
             return self.log_path.read_text(errors="replace")
         except OSError:
@@ -325,24 +417,28 @@ def descendants(pid: int) -> list[int]:
 
 
 @dataclass
-class SmtpSink:
+class SmtpSink(PrivateDaemon):
     """``smtp-sink`` on 127.0.0.1:port; with ``dump_dir`` each message is written there
-    (``-d``); with ``count`` the counter (``-c``) is printed. Accepts everything."""
+    (``-d``); with ``count`` the counter (``-c``) is printed. Accepts everything. What it
+    prints goes to ``<root>/stderr.log`` (:meth:`text`)."""
 
     port: int = 0
     dump_dir: Path | None = None
     count: bool = True
     backlog: int = 256
     extra: list[str] = field(default_factory=list)
-    process: subprocess.Popen[bytes] | None = None
-    output: Path | None = None
     final_output: str = ""
 
-    def start(self) -> SmtpSink:
-        program = which_peer("smtp-sink")
+    label: ClassVar[str] = "smtp-sink"
+
+    def __post_init__(self) -> None:
+        which_peer("smtp-sink")
+        self.root = Path(tempfile.mkdtemp(prefix="tayori-smtp-sink-"))
+
+    def start(self) -> Self:
         if not self.port:
             self.port = free_port()
-        args = [program, "-u", "nobody", *self.extra]
+        args = [which_peer("smtp-sink"), "-u", "nobody", *self.extra]
         if self.count:
             args.append("-c")
         if self.dump_dir is not None:
@@ -351,24 +447,18 @@ class SmtpSink:
             os.chown(self.dump_dir, nobody.pw_uid, nobody.pw_gid)
             args += ["-d", str(self.dump_dir) + "/%Y%m%d%H/%M."]
         args += [f"127.0.0.1:{self.port}", str(self.backlog)]
-        handle, name = tempfile.mkstemp(prefix="smtp-sink-", suffix=".out")
-        self.output = Path(name)
-        with os.fdopen(handle, "wb") as out:
-            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-        wait_for(self._up, what="smtp-sink to listen")
+        self.spawn(args, what="smtp-sink to listen")
         return self
 
-    def _up(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"smtp-sink exited {self.process.returncode}: "
-                                 f"{self.text()}")
+    def ready(self) -> bool:
         return listening("127.0.0.1", self.port)
 
     def text(self) -> str:
         """What smtp-sink printed (kept after :meth:`stop`)."""
-        if self.output is None:
+        try:
+            return (self.root / "stderr.log").read_text(errors="replace")
+        except OSError:
             return self.final_output
-        return self.output.read_text(errors="replace")
 
     def counter(self) -> int:
         """Messages received: the last ``mesg=N`` of the ``-c`` counter lines
@@ -381,20 +471,9 @@ class SmtpSink:
             return []
         return sorted(p for p in self.dump_dir.rglob("*") if p.is_file())
 
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
-        if self.output is not None:
-            self.final_output = self.text()
-            self.output.unlink(missing_ok=True)
-            self.output = None
-
-    def __enter__(self) -> SmtpSink:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def halt(self) -> None:
+        super().halt()
+        self.final_output = self.text()
 
 
 @contextlib.contextmanager
@@ -409,39 +488,57 @@ def postfix_relay(port: int, settings: dict[str, str] | None = None,
         instance.stop()
 
 
+@dataclass
+class DovecotDaemon(PrivateDaemon):
+    """A private Dovecot master, ``dovecot -F -c <root>/dovecot.conf``: what
+    :class:`DovecotInstance` and :mod:`peers_auth`'s ``DovecotAuthServer`` share.
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 15) -> int:
-    """SIGTERM, then SIGKILL if the process lingers; its exit status."""
-    if process.poll() is None:
-        process.terminate()
-    try:
-        return process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        return process.wait(timeout)
+    Its sockets, state and log (:attr:`log_path`) are in :attr:`root` under an instance
+    name of its own (:meth:`config_lines`), so several run side by side; ``settings``
+    (keyword-only) are extra top-level dovecot.conf lines (``key = value``), applied last.
+    """
 
+    settings: dict[str, str] = field(default_factory=dict, kw_only=True)
 
-def tail(path: Path, size: int = 3000) -> str:
-    """The end of a log file ("" when it does not exist)."""
-    try:
-        return path.read_text(errors="replace")[-size:]
-    except OSError:
-        return ""
+    label: ClassVar[str] = "dovecot"
 
+    @property
+    def config_path(self) -> Path:
+        return self.root / "dovecot.conf"
 
-def unix_listening(path: Path) -> bool:
-    """True when something accepts connections on the unix socket ``path``."""
-    try:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(1)
-            sock.connect(str(path))
-            return True
-    except OSError:
-        return False
+    @property
+    def log_path(self) -> Path:
+        return self.root / "dovecot.log"
+
+    def config_lines(self, own: dict[str, str]) -> str:
+        """The top-level settings: where it keeps its files, listening on 127.0.0.1 only,
+        no SSL, the Debian service users; then the subclass's ``own``, then
+        ``settings``."""
+        root = self.root
+        settings = {
+            "base_dir": str(root / "run"),
+            "state_dir": str(root / "state"),
+            "instance_name": f"tayori-{root.name}",
+            "log_path": str(self.log_path),
+            "listen": "127.0.0.1",
+            "ssl": "no",
+            "default_internal_user": "dovecot",
+            "default_login_user": "dovenull",
+            **own,
+            **self.settings,
+        }
+        return "\n".join(f"{key} = {value}" for key, value in settings.items())
+
+    def run(self, what: str) -> None:
+        """Start the master (:meth:`PrivateDaemon.spawn`) on :attr:`config_path`."""
+        self.spawn([which_peer("dovecot"), "-F", "-c", str(self.config_path)], what=what)
+
+    def log(self) -> str:
+        return super().log() + tail(self.log_path)
 
 
 @dataclass
-class DovecotInstance:
+class DovecotInstance(DovecotDaemon):
     """A private Dovecot serving LMTP and/or IMAP (:attr:`protocols`) over Maildirs under
     ``<root>/mail/<domain>/<user>`` (``mail_location = maildir:<root>/mail/%d/%n``,
     :meth:`maildir`). Use :class:`DovecotLmtp` or :class:`DovecotImap`.
@@ -500,11 +597,7 @@ class DovecotInstance:
     password: str = "secret"
     default_quota: str = "10M"
     quota_tempfail: bool = False
-    settings: dict[str, str] = field(default_factory=dict)
     hostname: str = "lmtp.test"
-    keep: bool = False
-    root: Path = field(init=False)
-    process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
         which_peer("dovecot")
@@ -532,14 +625,6 @@ class DovecotInstance:
         return self.root / "lmtp.sock"
 
     @property
-    def config_path(self) -> Path:
-        return self.root / "dovecot.conf"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "dovecot.log"
-
-    @property
     def owner(self) -> tuple[int, int]:
         """The uid and gid the mail belongs to (the ``mail`` user)."""
         mail = pwd.getpwnam("mail")
@@ -551,25 +636,15 @@ class DovecotInstance:
 
     def config_text(self) -> str:
         root = self.root
-        settings = {
-            "base_dir": str(root / "run"),
-            "state_dir": str(root / "state"),
-            "instance_name": f"tayori-{root.name}",
-            "log_path": str(self.log_path),
+        settings = self.config_lines({
             "protocols": " ".join(self.protocols),
-            "listen": "127.0.0.1",
             "hostname": self.hostname,
-            "ssl": "no",
             "disable_plaintext_auth": "no",
-            "default_internal_user": "dovecot",
-            "default_login_user": "dovenull",
             "first_valid_uid": "1",
             "mail_location": f"maildir:{root}/mail/%d/%n",
             "mail_plugins": "quota",
             "quota_full_tempfail": "yes" if self.quota_tempfail else "no",
-            **self.settings,
-        }
-        lines = [f"{key} = {value}" for key, value in settings.items()]
+        })
         users = root / "users"
         services = {
             "lmtp": f"""service lmtp {{
@@ -593,7 +668,7 @@ class DovecotInstance:
 }}
 """,
         }
-        return "\n".join(lines) + f"""
+        return settings + f"""
 passdb {{
   driver = passwd-file
   args = {users}
@@ -631,46 +706,14 @@ plugin {{
 
     def start(self) -> Self:
         self.configure()
-        with open(self.root / "stderr.log", "ab") as stderr:
-            self.process = subprocess.Popen(
-                [which_peer("dovecot"), "-F", "-c", str(self.config_path)],
-                stdout=stderr, stderr=subprocess.STDOUT)
-        self.wait_for(self._up, what=f"dovecot to listen ({', '.join(self.protocols)})")
+        self.run(f"dovecot to listen ({', '.join(self.protocols)})")
         return self
 
-    def _up(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"dovecot exited {self.process.returncode}")
+    def ready(self) -> bool:
         if "lmtp" in self.protocols and not (listening("127.0.0.1", self.port)
                                              and unix_listening(self.socket_path)):
             return False
         return "imap" not in self.protocols or listening("127.0.0.1", self.imap_port)
-
-    def wait_for(self, condition: Callable[[], object], timeout: float = TIMEOUT,
-                 what: str = "condition") -> object:
-        """harness.wait_for, with the tail of Dovecot's logs in the failure."""
-        try:
-            return wait_for(condition, timeout=timeout, what=what)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; dovecot log:\n{self.log()}") from None
-
-    def log(self) -> str:
-        return tail(self.root / "stderr.log") + tail(self.log_path)
-
-    def stop(self) -> None:
-        """Stop Dovecot (SIGTERM to the master stops them all) and remove its directory
-        unless ``keep``."""
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
-        if not self.keep:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def messages(self, user: str) -> list[bytes]:
         """The messages delivered to ``user``'s INBOX, oldest first, as stored."""
@@ -694,7 +737,7 @@ RecordValue = str | tuple[int, str]
 
 
 @dataclass
-class Unbound:
+class Unbound(PrivateDaemon):
     """A real DNS server (unbound from Debian) answering for a few test zones only.
 
     ``records`` maps owner names to record types to values::
@@ -731,10 +774,9 @@ class Unbound:
     zones: list[str] | None = None
     port: int = 0
     ttl: int = 300
-    keep: bool = False
-    root: Path = field(init=False)
-    process: subprocess.Popen[bytes] | None = None
     final_log: str = ""
+
+    label: ClassVar[str] = "unbound"
 
     def __post_init__(self) -> None:
         which_peer("unbound")
@@ -801,23 +843,15 @@ class Unbound:
             "",
         ])
 
-    def start(self) -> Unbound:
+    def start(self) -> Self:
         if not self.port:
             self.port = free_port()
         self.config_path.write_text(self.config_text())
-        with open(self.root / "stderr.log", "ab") as stderr:
-            self.process = subprocess.Popen(
-                [which_peer("unbound"), "-d", "-c", str(self.config_path)],
-                stdout=stderr, stderr=subprocess.STDOUT)
-        try:
-            wait_for(self._up, what=f"unbound to listen on {self.port}")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; unbound log:\n{self.log()}") from None
+        self.spawn([which_peer("unbound"), "-d", "-c", str(self.config_path)],
+                   what=f"unbound to listen on {self.port}")
         return self
 
-    def _up(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"unbound exited {self.process.returncode}")
+    def ready(self) -> bool:
         return listening("127.0.0.1", self.port)
 
     def log(self) -> str:
@@ -825,21 +859,12 @@ class Unbound:
         unbound writes on exit, e.g. ``7 queries, 7 answers from cache, 0 recursions``)."""
         if self.process is None and self.final_log:
             return self.final_log
-        return tail(self.root / "stderr.log") + tail(self.log_path)
+        return super().log() + tail(self.log_path)
 
-    def stop(self) -> None:
+    def halt(self) -> None:
         if self.process is not None:
-            stop_process(self.process)
-            self.process = None
+            super().halt()
             self.final_log = self.log()
-        if not self.keep:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Unbound:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _fqdn(name: str) -> str:

@@ -9,7 +9,8 @@ with a passwd-file passdb and two client listeners: a unix socket in its directo
 directory, listening on a unix socket there and on 127.0.0.1:``port``. Each waits for
 its listener with a deadline and shows the tail of its log when it fails; each class
 docstring lists what was learnt making it work.
-(:mod:`peers` has the mail peers; this module imports its process helpers.)
+(:mod:`peers` has the mail peers; the classes here build on its :class:`~peers.PrivateDaemon`
+and :class:`~peers.DovecotDaemon`.)
 """
 
 from __future__ import annotations
@@ -18,20 +19,18 @@ import base64
 import hashlib
 import os
 import pwd
-import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from harness import TIMEOUT, free_port, wait_for, which_peer
-from peers import listening, stop_process, tail, unix_listening
+from harness import TIMEOUT, free_port, which_peer
+from peers import DovecotDaemon, PrivateDaemon, listening, stop_process, tail, unix_listening
 
 SCHEMAS = ("core", "cosine", "nis", "inetorgperson")
 
@@ -54,7 +53,7 @@ def ssha(password: str) -> str:
 
 
 @dataclass
-class Slapd:
+class Slapd(PrivateDaemon):
     """A private slapd: ``with Slapd({"alice": LdapUser("pw", ("alice@x.test",))}) as ldap``.
 
     The tree is ``suffix`` (``dc=example,dc=test``) with ``ou=people`` and ``ou=staff``;
@@ -87,11 +86,10 @@ class Slapd:
     anonymous_search: bool = False
     tls: bool = False
     port: int = 0
-    keep: bool = False
     admin_password: str = "admin-secret"
     reader_password: str = "reader-secret"
-    root: Path = field(init=False)
-    process: subprocess.Popen[bytes] | None = None
+
+    label: ClassVar[str] = "slapd"
 
     def __post_init__(self) -> None:
         which_peer("slapd")
@@ -188,45 +186,16 @@ class Slapd:
 
     def start(self) -> Self:
         self.configure()
-        with open(self.root / "stderr.log", "ab") as stderr:
-            self.process = subprocess.Popen(
-                [which_peer("slapd"), "-d", "0", "-h", f"ldap://127.0.0.1:{self.port}/",
-                 "-f", str(self.config_path)], stdout=stderr, stderr=subprocess.STDOUT)
-        self.wait_for(self._up, what=f"slapd to listen on {self.port}")
+        self.spawn([which_peer("slapd"), "-d", "0", "-h", f"ldap://127.0.0.1:{self.port}/",
+                    "-f", str(self.config_path)], what=f"slapd to listen on {self.port}")
         return self
 
-    def _up(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"slapd exited {self.process.returncode}")
+    def ready(self) -> bool:
         return listening("127.0.0.1", self.port)
-
-    def wait_for(self, condition: Callable[[], object], timeout: float = TIMEOUT,
-                 what: str = "condition") -> object:
-        try:
-            return wait_for(condition, timeout=timeout, what=what)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; slapd log:\n{self.log()}") from None
-
-    def log(self) -> str:
-        return tail(self.root / "stderr.log")
-
-    def stop(self) -> None:
-        """Stop slapd (SIGTERM) and remove its directory unless ``keep``."""
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
-        if not self.keep:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @dataclass
-class DovecotAuthServer:
+class DovecotAuthServer(DovecotDaemon):
     """A private Dovecot running only its auth service:
     ``with DovecotAuthServer({"u@x.test": "{SHA512-CRYPT}$6$..."}) as dovecot``.
 
@@ -258,10 +227,6 @@ class DovecotAuthServer:
     users: dict[str, str] = field(default_factory=dict)
     port: int = 0
     tempfail: bool = False
-    settings: dict[str, str] = field(default_factory=dict)
-    keep: bool = False
-    root: Path = field(init=False)
-    process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
         which_peer("dovecot")
@@ -279,14 +244,6 @@ class DovecotAuthServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def config_path(self) -> Path:
-        return self.root / "dovecot.conf"
-
-    @property
-    def log_path(self) -> Path:
-        return self.root / "dovecot.log"
-
     def passdb(self) -> str:
         if self.tempfail:
             return f"passdb {{\n  driver = checkpassword\n  args = {self.root}/tempfail\n}}\n"
@@ -294,22 +251,9 @@ class DovecotAuthServer:
 
     def config_text(self) -> str:
         root = self.root
-        settings = {
-            "base_dir": str(root / "run"),
-            "state_dir": str(root / "state"),
-            "instance_name": f"tayori-{root.name}",
-            "log_path": str(self.log_path),
-            "protocols": "",
-            "listen": "127.0.0.1",
-            "ssl": "no",
-            "auth_mechanisms": "plain login",
-            "auth_failure_delay": "0",
-            "default_internal_user": "dovecot",
-            "default_login_user": "dovenull",
-            **self.settings,
-        }
-        lines = [f"{key} = {value}" for key, value in settings.items()]
-        return "\n".join(lines) + "\n" + self.passdb() + f"""userdb {{
+        settings = self.config_lines({"protocols": "", "auth_mechanisms": "plain login",
+                                      "auth_failure_delay": "0"})
+        return settings + "\n" + self.passdb() + f"""userdb {{
   driver = static
   args = uid=mail gid=mail home={root}/home/%u
 }}
@@ -336,41 +280,11 @@ service auth {{
 
     def start(self) -> Self:
         self.configure()
-        with open(self.root / "stderr.log", "ab") as stderr:
-            self.process = subprocess.Popen(
-                [which_peer("dovecot"), "-F", "-c", str(self.config_path)],
-                stdout=stderr, stderr=subprocess.STDOUT)
-        self.wait_for(self._up, what="dovecot auth to listen")
+        self.run("dovecot auth to listen")
         return self
 
-    def _up(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"dovecot exited {self.process.returncode}")
+    def ready(self) -> bool:
         return unix_listening(self.socket_path) and listening("127.0.0.1", self.port)
-
-    def wait_for(self, condition: Callable[[], object], timeout: float = TIMEOUT,
-                 what: str = "condition") -> object:
-        try:
-            return wait_for(condition, timeout=timeout, what=what)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; dovecot log:\n{self.log()}") from None
-
-    def log(self) -> str:
-        return tail(self.root / "stderr.log") + tail(self.log_path)
-
-    def stop(self) -> None:
-        """Stop Dovecot (SIGTERM to the master) and remove its directory unless ``keep``."""
-        if self.process is not None:
-            stop_process(self.process)
-            self.process = None
-        if not self.keep:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def postgres_bindir() -> Path:
@@ -387,7 +301,7 @@ def postgres_bindir() -> Path:
 
 
 @dataclass
-class PostgresServer:
+class PostgresServer(PrivateDaemon):
     """A private PostgreSQL cluster: ``with PostgresServer() as pg: pg.execute("...")``.
 
     ``initdb`` makes the cluster in ``<root>/data``; the server listens on a unix socket
@@ -417,12 +331,11 @@ class PostgresServer:
     """
 
     port: int = 0
-    keep: bool = False
     settings: dict[str, str] = field(default_factory=dict)
     superuser: str = "postgres"
-    root: Path = field(init=False)
     bindir: Path = field(init=False)
-    process: subprocess.Popen[bytes] | None = None
+
+    label: ClassVar[str] = "postgres"
 
     def __post_init__(self) -> None:
         self.bindir = postgres_bindir()
@@ -488,30 +401,19 @@ class PostgresServer:
         settings = {"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off",
                     "max_connections": "40", "logging_collector": "off", **self.settings}
         options = [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [str(self.bindir / "postgres"), "-D", str(self.data), "-k", str(self.root),
-                 "-h", "127.0.0.1", "-p", str(self.port), *options],
-                cwd=self.root, stdout=log, stderr=subprocess.STDOUT, **self._as)
-        self.wait_for(self._up, what=f"postgres to accept connections on {self.port}")
+        self.spawn([str(self.bindir / "postgres"), "-D", str(self.data), "-k", str(self.root),
+                    "-h", "127.0.0.1", "-p", str(self.port), *options],
+                   what=f"postgres to accept connections on {self.port}",
+                   output=self.log_path, cwd=self.root, **self._as)
         return self
 
-    def _up(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise AssertionError(f"postgres exited {self.process.returncode}")
+    def ready(self) -> bool:
         try:
             lines = (self.data / "postmaster.pid").read_text().splitlines()
         except OSError:
             return False
         return (len(lines) > 7 and lines[7].strip() == "ready"
                 and listening("127.0.0.1", self.port))
-
-    def wait_for(self, condition: Callable[[], object], timeout: float = TIMEOUT,
-                 what: str = "condition") -> object:
-        try:
-            return wait_for(condition, timeout=timeout, what=what)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; postgres log:\n{self.log()}") from None
 
     def log(self) -> str:
         return tail(self.log_path)
@@ -528,18 +430,6 @@ class PostgresServer:
         except subprocess.TimeoutExpired:
             stop_process(self.process)
         self.process = None
-
-    def stop(self) -> None:
-        """Stop the server and remove its directory unless ``keep``."""
-        self.halt()
-        if not self.keep:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def doveadm_pw(scheme: str, password: str) -> str:

@@ -44,6 +44,7 @@ from tayori.policy.userdb import (
     AuthOutcome,
     AuthStatus,
     DirectoryUnavailable,
+    UserDirectory,
     may_send_as,
 )
 from tayori.policy.userdb_dovecot import DovecotAuth
@@ -60,6 +61,34 @@ LDAP_TIMEOUT = 5.0
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coroutine, TEST_TIMEOUT))
+
+
+def assert_failures_alike(directory: UserDirectory, wrong: tuple[str, str],
+                          unknown: tuple[str, str]) -> None:
+    """A wrong password and an unknown user (login, password) fail alike (RFC 4954 §6)."""
+    wrong_outcome = run(directory.authenticate(*wrong))
+    unknown_outcome = run(directory.authenticate(*unknown))
+    assert wrong_outcome.status is unknown_outcome.status is AuthStatus.BAD_CREDENTIALS
+    assert wrong_outcome.reply == unknown_outcome.reply
+
+
+def assert_senders(directory: UserDirectory, login: str, owned: set[str], *,
+                   may: str, may_not: str) -> None:
+    """``login`` owns exactly ``owned``, may send as ``may`` and not as ``may_not``; an
+    unknown login owns nothing."""
+    assert run(directory.sender_addresses(login)) == owned
+    assert run(may_send_as(directory, login, may))
+    assert not run(may_send_as(directory, login, may_not))
+    assert run(directory.sender_addresses("mallory")) == frozenset()
+
+
+def at_once(directory: UserDirectory, attempts: list[tuple[str, str]]) -> list[bool]:
+    """Whether each (login, password) of ``attempts`` logs in, all asked at once."""
+    async def main() -> list[AuthOutcome]:
+        return await asyncio.gather(*(directory.authenticate(login, password)
+                                      for login, password in attempts))
+
+    return [outcome.ok for outcome in run(main())]
 
 
 # --- LDAP ---------------------------------------------------------------------------
@@ -118,10 +147,7 @@ def test_ldap_unknown_user_and_wrong_password_look_the_same_and_both_bind(
         return real_bind(dn, password)
 
     monkeypatch.setattr(users, "_bind", spy)
-    wrong = run(users.authenticate("alice", "alice-PW"))
-    unknown = run(users.authenticate("mallory", "alice-pw"))
-    assert wrong.status is unknown.status is AuthStatus.BAD_CREDENTIALS
-    assert wrong.reply == unknown.reply
+    assert_failures_alike(users, ("alice", "alice-PW"), ("mallory", "alice-pw"))
     assert len(binds) == 2 and binds[0] == slapd.dn("alice")
 
 
@@ -141,12 +167,8 @@ def test_ldap_an_empty_password_is_not_an_anonymous_bind(slapd: Slapd) -> None:
 
 
 def test_ldap_sender_addresses_from_the_mail_attribute(slapd: Slapd) -> None:
-    users = reader(slapd)
-    assert run(users.sender_addresses("alice")) == {"alice@example.test",
-                                                    "sales@example.test"}
-    assert run(may_send_as(users, "alice", "Sales+x@EXAMPLE.test"))
-    assert not run(may_send_as(users, "alice", "bob@example.test"))
-    assert run(users.sender_addresses("mallory")) == frozenset()
+    assert_senders(reader(slapd), "alice", {"alice@example.test", "sales@example.test"},
+                   may="Sales+x@EXAMPLE.test", may_not="bob@example.test")
 
 
 def test_ldap_filter_with_user_and_domain(slapd: Slapd) -> None:
@@ -167,14 +189,8 @@ def test_ldap_anonymous_search_denied_or_service_bind_refused_is_temporary(
 
 
 def test_ldap_many_at_once(slapd: Slapd) -> None:
-    users = reader(slapd)
-
-    async def main() -> list[AuthOutcome]:
-        return await asyncio.gather(*(users.authenticate("alice", "alice-pw" if n % 2 else "x")
-                                      for n in range(20)))
-
-    outcomes = run(main())
-    assert [o.ok for o in outcomes] == [n % 2 == 1 for n in range(20)]
+    attempts = [("alice", "alice-pw" if n % 2 else "x") for n in range(20)]
+    assert at_once(reader(slapd), attempts) == [n % 2 == 1 for n in range(20)]
 
 
 def test_ldap_starttls_with_the_servers_ca(slapd_tls: Slapd) -> None:
@@ -228,10 +244,8 @@ def test_dovecot_auth(dovecot: DovecotAuthServer, over: str) -> None:
     assert run(directory.authenticate("carol@dove.test", "carol-pw")) == AuthOutcome.success(
         "carol@dove.test")
     assert run(directory.authenticate("erin@dove.test", "erin pw ü")).ok
-    wrong = run(directory.authenticate("carol@dove.test", "dave-pw"))
-    unknown = run(directory.authenticate("mallory@dove.test", "carol-pw"))
-    assert wrong.status is unknown.status is AuthStatus.BAD_CREDENTIALS
-    assert wrong.reply == unknown.reply
+    assert_failures_alike(directory, ("carol@dove.test", "dave-pw"),
+                          ("mallory@dove.test", "carol-pw"))
 
 
 def test_dovecot_verifies_an_argon2id_hash_made_by_tayori(dovecot: DovecotAuthServer) -> None:
@@ -242,12 +256,7 @@ def test_dovecot_verifies_an_argon2id_hash_made_by_tayori(dovecot: DovecotAuthSe
 
 def test_dovecot_many_at_once(dovecot: DovecotAuthServer) -> None:
     directory = DovecotAuth(str(dovecot.socket_path), timeout=10)
-
-    async def main() -> list[AuthOutcome]:
-        return await asyncio.gather(*(directory.authenticate("carol@dove.test", "carol-pw")
-                                      for _ in range(20)))
-
-    assert all(outcome.ok for outcome in run(main()))
+    assert all(at_once(directory, [("carol@dove.test", "carol-pw")] * 20))
 
 
 def test_dovecot_temporary_passdb_failure() -> None:
@@ -340,21 +349,15 @@ def test_postgres_users(postgres: PostgresServer, over: str,
         assert run(users.authenticate("bob", "bob pw ü")).ok
         assert run(users.authenticate("carol", "Hello world!")).ok
         assert run(users.authenticate("o'brien", "quote-pw")).ok
-        wrong = run(users.authenticate("carol", "hello world!"))
-        unknown = run(users.authenticate("mallory", "Hello world!"))
-        assert wrong.status is unknown.status is AuthStatus.BAD_CREDENTIALS
-        assert wrong.reply == unknown.reply
+        assert_failures_alike(users, ("carol", "hello world!"), ("mallory", "Hello world!"))
         assert checked[-1] == userdb.dummy_hash()
         for login in ("twice", "nopass", "Carol"):
             assert run(users.authenticate(login, "pw")).status is AuthStatus.BAD_CREDENTIALS
             assert checked[-1] == userdb.dummy_hash()
-        assert run(users.sender_addresses("bob")) == {"bob@pg.test", "b2@pg.test",
-                                                      "@bob.pg.test"}
         assert run(users.sender_addresses("alice@pg.test")) == {"alice@pg.test",
                                                                 "sales@pg.test"}
-        assert run(may_send_as(users, "bob", "anyone@bob.pg.test"))
-        assert not run(may_send_as(users, "bob", "alice@pg.test"))
-        assert run(users.sender_addresses("mallory")) == frozenset()
+        assert_senders(users, "bob", {"bob@pg.test", "b2@pg.test", "@bob.pg.test"},
+                       may="anyone@bob.pg.test", may_not="alice@pg.test")
 
 
 def test_postgres_binds_the_login_as_a_parameter(postgres: PostgresServer) -> None:
@@ -410,13 +413,8 @@ def test_postgres_statement_timeout(postgres: PostgresServer) -> None:
 
 def test_postgres_many_at_once_share_a_few_connections(postgres: PostgresServer) -> None:
     with pg_users(postgres) as users:
-
-        async def main() -> list[AuthOutcome]:
-            return await asyncio.gather(*(users.authenticate("carol", "Hello world!" if n % 2
-                                                             else "x") for n in range(24)))
-
-        outcomes = run(main())
-        assert [o.ok for o in outcomes] == [n % 2 == 1 for n in range(24)]
+        attempts = [("carol", "Hello world!" if n % 2 else "x") for n in range(24)]
+        assert at_once(users, attempts) == [n % 2 == 1 for n in range(24)]
         sessions = postgres.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE usename = 'tayori'")[0][0]
         assert 1 <= sessions <= userdb.VERIFY_THREADS

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
 
+from dns_fixtures import stub_and_resolver
 from tayori.dns import DnsPythonResolver
 from tayori.policy.dnsbl import DnsblVerdict, DnsblZone, check, query_name
 from tayori.testing.dnsstub import DnsStub, StaticResolver, Zone
@@ -47,15 +48,7 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coroutine, TEST_TIMEOUT))
 
 
-@pytest.fixture
-def stub() -> Iterator[DnsStub]:
-    with DnsStub(ZONE) as server:
-        yield server
-
-
-@pytest.fixture
-def resolver(stub: DnsStub) -> DnsPythonResolver:
-    return DnsPythonResolver([stub.address], timeout=2.0)
+stub, resolver = stub_and_resolver(ZONE)
 
 
 def ask(resolver: DnsPythonResolver, ip: str, zones: list[DnsblZone],

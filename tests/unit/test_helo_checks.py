@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
 
+from dns_fixtures import stub_and_resolver
 from tayori.dns import DnsPythonResolver, Resolver
 from tayori.policy.helo import (
     MAX_PTR_NAMES,
@@ -17,7 +18,7 @@ from tayori.policy.helo import (
     fcrdns_reply,
     helo_reply,
 )
-from tayori.testing.dnsstub import DnsStub, StaticResolver, Zone
+from tayori.testing.dnsstub import StaticResolver, Zone
 
 T = TypeVar("T")
 
@@ -118,15 +119,7 @@ ZONE: Zone = {
 }
 
 
-@pytest.fixture
-def stub() -> Iterator[DnsStub]:
-    with DnsStub(ZONE) as server:
-        yield server
-
-
-@pytest.fixture
-def resolver(stub: DnsStub) -> DnsPythonResolver:
-    return DnsPythonResolver([stub.address], timeout=2.0)
+stub, resolver = stub_and_resolver(ZONE)
 
 
 def test_a_confirmed_ipv4_client_passes(resolver: DnsPythonResolver) -> None:

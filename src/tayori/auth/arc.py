@@ -52,10 +52,7 @@ RFC 8301 (RSA keys of 1024 bits at least).
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import binascii
-import hmac
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -63,29 +60,37 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from tayori.address import AddressError, to_ascii_domain
-from tayori.auth.canon import (
-    MODES,
-    BodyHash,
-    HashName,
-    Mode,
-    body_hash,
-    header_hash_input,
-    relaxed_header,
+from tayori.auth.canon import MODES, BodyHash, Mode, body_hash, header_hash_input, relaxed_header
+from tayori.auth.dkim import (
+    CLOCK_SKEW,
+    BodyKey,
+    MessageSignature,
+    hash_bodies_async,
+    in_worker_if_big,
+    key_problem,
+    signature_problem,
 )
-from tayori.auth.dkim import BIG_BODY, CLOCK_SKEW, hash_bodies, key_problem
 from tayori.auth.dkim import DEFAULT_HEADERS as DKIM_HEADERS
 from tayori.auth.dkim_keys import (
     ALGORITHMS,
     Algorithm,
+    KeyLookup,
     KeyRecord,
     KeyRecordError,
     SigningKey,
     check_selector,
-    fetch_key,
+    fetch_keys,
     make_signature,
     verify_signature,
 )
-from tayori.auth.dkim_tags import TagListError, compact, parse_tag_list, split_list, strip_tag_value
+from tayori.auth.dkim_tags import (
+    TagListError,
+    base64_value,
+    number_value,
+    parse_tag_list,
+    split_list,
+    strip_tag_value,
+)
 from tayori.auth.headers import HeaderField, ParsedMessage, parse_message, signed_header_names
 from tayori.auth.results import (
     ARC_FIELD_NAME,
@@ -296,22 +301,11 @@ def _selector(value: str) -> str:
 
 
 def _number(tags: dict[str, str], name: str) -> int | None:
-    value = tags.get(name)
-    if value is None:
-        return None
-    if not _DIGITS.match(value):
-        raise _Broken(f"malformed {name}={value}")
-    return int(value)
+    return number_value(tags, name, _DIGITS, _Broken)
 
 
 def _base64(tags: dict[str, str], name: str) -> bytes:
-    try:
-        data = base64.b64decode(compact(tags[name]), validate=True)
-    except binascii.Error as exc:
-        raise _Broken(f"{name}= is not base64") from exc
-    if not data:
-        raise _Broken(f"{name}= is empty")
-    return data
+    return base64_value(tags, name, _Broken)
 
 
 def _canonicalization(value: str) -> tuple[Mode, Mode]:
@@ -352,35 +346,8 @@ def _read_seal(field: HeaderField, allowed: Collection[str]) -> _Seal:
                  _selector(tags["s"]), _base64(tags, "b"))
 
 
-_BodyKey = tuple[Mode, HashName, int | None]
-
-
-@dataclass(frozen=True, slots=True)
-class _Signature:
-    """An ARC-Message-Signature whose tags read well (RFC 8617 §4.1.2)."""
-
-    field: HeaderField
-    algorithm: Algorithm
-    header_canon: Mode
-    body_canon: Mode
-    domain: str
-    selector: str
-    signed: tuple[str, ...]
-    body_hash: bytes
-    signature: bytes
-    length: int | None
-    expires: int | None
-
-    @property
-    def key_id(self) -> tuple[str, str]:
-        return self.selector, self.domain
-
-    @property
-    def body_key(self) -> _BodyKey:
-        return self.body_canon, self.algorithm.hash_name, self.length
-
-
-def _read_signature(field: HeaderField, allowed: Collection[str]) -> _Signature:
+def _read_signature(field: HeaderField, allowed: Collection[str]) -> MessageSignature:
+    """An ARC-Message-Signature whose tags read well (RFC 8617 §4.1.2), or _Broken."""
     tags = _tags(field)
     _require(tags, _SIGNATURE_TAGS, "ARC-Message-Signature")
     signed = tuple(name.lower() for name in split_list(tags["h"]))
@@ -390,7 +357,7 @@ def _read_signature(field: HeaderField, allowed: Collection[str]) -> _Signature:
     signed_at, expires = _number(tags, "t"), _number(tags, "x")
     if signed_at is not None and expires is not None and expires < signed_at:
         raise _Broken("x= is earlier than t=")
-    return _Signature(
+    return MessageSignature(
         field=field, algorithm=_algorithm(tags["a"], allowed), header_canon=header_canon,
         body_canon=body_canon, domain=_domain(tags["d"]), selector=_selector(tags["s"]),
         signed=signed, body_hash=_base64(tags, "bh"), signature=_base64(tags, "b"),
@@ -400,43 +367,20 @@ def _read_signature(field: HeaderField, allowed: Collection[str]) -> _Signature:
 # --- keys and hashes -------------------------------------------------------------------------
 
 
-_Keys = dict[tuple[str, str], KeyRecord | str]
-
-
-async def _fetch_keys(resolver: Resolver, wanted: set[tuple[str, str]]) -> _Keys:
-    """The key record of each (selector, domain), or why there is none."""
-    found: _Keys = {}
-
-    async def one(selector: str, domain: str) -> None:
-        try:
-            found[(selector, domain)] = await fetch_key(resolver, selector, domain)
-        except KeyRecordError as exc:
-            found[(selector, domain)] = str(exc)
-        except DnsTemporaryError as exc:
-            found[(selector, domain)] = f"key lookup failed (permanent for ARC): {exc}"
-
-    async with asyncio.TaskGroup() as group:
-        for selector, domain in sorted(wanted):
-            group.create_task(one(selector, domain))
-    return found
+_Keys = dict[tuple[str, str], KeyLookup]
 
 
 def _public_key(keys: _Keys, key_id: tuple[str, str], algorithm: Algorithm) -> KeyRecord:
     key = keys[key_id]
     selector, domain = key_id
-    if isinstance(key, str):
-        raise _Broken(key)
+    if isinstance(key, KeyRecordError):
+        raise _Broken(str(key))
+    if isinstance(key, DnsTemporaryError):
+        raise _Broken(f"key lookup failed (permanent for ARC): {key}")
     problem = key_problem(algorithm, domain, f"@{domain}", key)
     if problem is not None:
         raise _Broken(f"{selector}._domainkey.{domain}: {problem}")
     return key
-
-
-async def _hash_bodies(message: bytes, offset: int, needed: set[_BodyKey]
-                       ) -> dict[_BodyKey, BodyHash]:
-    if len(message) - offset > BIG_BODY:
-        return await asyncio.to_thread(hash_bodies, message, offset, needed)
-    return hash_bodies(message, offset, needed)
 
 
 # --- verifying ---------------------------------------------------------------------------------
@@ -455,21 +399,13 @@ def _seal_input(scope: Iterable[bytes], seal: bytes) -> bytes:
     return b"".join(relaxed_header(raw) for raw in scope) + own[:-2]
 
 
-def _signature_problem(signature: _Signature, key: KeyRecord, body: BodyHash,
+def _signature_problem(signature: MessageSignature, key: KeyRecord, body: BodyHash,
                        fields: Sequence[HeaderField], now: float) -> str | None:
-    """Why an ARC-Message-Signature does not verify, or None when it does."""
+    """Why an ARC-Message-Signature does not verify, or None when it does: expired, or
+    as a DKIM-Signature would not."""
     if signature.expires is not None and now > signature.expires + CLOCK_SKEW:
         return f"expired (x={signature.expires})"
-    if signature.length is not None and body.length < signature.length:
-        return f"l={signature.length} is longer than the body"
-    if not hmac.compare_digest(body.digest, signature.body_hash):
-        return "body hash did not verify"
-    data = header_hash_input(fields, signature.signed, _unsigned(signature.field),
-                             signature.header_canon)
-    assert key.public_key is not None  # key_problem() refused revoked keys
-    if not verify_signature(key.public_key, signature.algorithm, signature.signature, data):
-        return "signature did not verify"
-    return None
+    return signature_problem(signature, key, body, fields)
 
 
 def _check_seals(seals: Sequence[_Seal], chain: Sequence[tuple[HeaderField, ...]],
@@ -536,7 +472,7 @@ class _Validation:
     now: float
     allowed: Collection[str]
     keys: _Keys
-    bodies: dict[_BodyKey, BodyHash]
+    bodies: dict[BodyKey, BodyHash]
 
     async def verdict(self) -> ArcVerdict:
         sets, problems = _collect(self.parsed.fields)
@@ -577,15 +513,16 @@ class _Validation:
                 return instance + 1
         return 0
 
-    async def _load(self, signatures: Sequence[_Signature], seals: Sequence[_Seal]) -> None:
+    async def _load(self, signatures: Sequence[MessageSignature], seals: Sequence[_Seal]
+                    ) -> None:
         """Fetch the keys and hash the bodies these need, once each."""
         wanted = {s.key_id for s in signatures} | {s.key_id for s in seals}
         wanted -= self.keys.keys()
-        self.keys |= await _fetch_keys(self.resolver, wanted)
+        self.keys |= await fetch_keys(self.resolver, wanted)
         needed = {s.body_key for s in signatures} - self.bodies.keys()
-        self.bodies |= await _hash_bodies(self.message, self.parsed.body_offset, needed)
+        self.bodies |= await hash_bodies_async(self.message, self.parsed.body_offset, needed)
 
-    def _problem(self, signature: _Signature) -> str | None:
+    def _problem(self, signature: MessageSignature) -> str | None:
         """Why an ARC-Message-Signature does not verify, or None when it does."""
         try:
             key = _public_key(self.keys, signature.key_id, signature.algorithm)
@@ -595,7 +532,8 @@ class _Validation:
                                   self.parsed.fields, self.now)
 
 
-def _readable_signature(field: HeaderField, allowed: Collection[str]) -> _Signature | None:
+def _readable_signature(field: HeaderField, allowed: Collection[str]
+                        ) -> MessageSignature | None:
     try:
         return _read_signature(field, allowed)
     except _Broken:
@@ -753,11 +691,9 @@ async def seal_async(
     headers: Sequence[str] = DEFAULT_HEADERS,
 ) -> bytes:
     """:func:`seal`, in a worker thread when the message is longer than ``BIG_BODY``."""
-    def run() -> bytes:
-        return seal(message, key, authserv_id=authserv_id, results=results, chain=chain,
-                    now=now, headers=headers)
-
-    return await asyncio.to_thread(run) if len(message) > BIG_BODY else run()
+    return await in_worker_if_big(len(message), lambda: seal(
+        message, key, authserv_id=authserv_id, results=results, chain=chain, now=now,
+        headers=headers))
 
 
 __all__ = [

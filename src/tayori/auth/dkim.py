@@ -41,7 +41,11 @@ worker thread for a message longer than :data:`BIG_BODY`. Keys come from
 The parts ARC (RFC 8617) reuses live beside this module: :mod:`tayori.auth.headers`
 (raw fields, instance selection), :mod:`tayori.auth.canon` (canonicalization, the signed
 header data, streaming body hashes), :mod:`tayori.auth.dkim_tags` (tag lists, folding),
-:mod:`tayori.auth.dkim_keys` (key records, private keys, the two crypto operations).
+:mod:`tayori.auth.dkim_keys` (key records, private keys, the two crypto operations); and
+here, since an ARC-Message-Signature is verified as a DKIM-Signature is: the signature as
+read (:class:`MessageSignature`), whether a key fits it (:func:`key_problem`), whether it
+verifies (:func:`signature_problem`), the body hashes (:func:`hash_bodies_async`) and
+the rule for big messages (:func:`in_worker_if_big`).
 Failure policy: :func:`verify` does not raise for anything a message or DNS may hold: it
 is all in the results (``reason`` is for logs, never for the SMTP wire). :func:`sign`
 raises ValueError for a message without a From field (RFC 6376 §5.4 requires signing it)
@@ -56,13 +60,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hmac
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TypeVar
 
 from tayori.auth.canon import MODES, BodyHash, HashName, Mode, body_hash, header_hash_input
 from tayori.auth.dkim_keys import (
@@ -70,11 +74,12 @@ from tayori.auth.dkim_keys import (
     MAX_RSA_BITS,
     MIN_RSA_BITS,
     Algorithm,
+    KeyLookup,
     KeyRecord,
     KeyRecordError,
     SigningKey,
     create_key,
-    fetch_key,
+    fetch_keys,
     keygen,
     load_signing_key,
     make_signature,
@@ -86,8 +91,10 @@ from tayori.auth.dkim_tags import (
     Layout,
     TagListError,
     TagValue,
+    base64_value,
     compact,
     fold_field,
+    number_value,
     parse_tag_list,
     split_list,
     strip_tag_value,
@@ -124,6 +131,7 @@ _SELECTOR = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DIGITS = {"l": re.compile(r"[0-9]{1,76}\Z"), "t": re.compile(r"[0-9]{1,12}\Z"),
            "x": re.compile(r"[0-9]{1,12}\Z")}
 _IDENTITY = re.compile(r"[\x21-\x3a\x3c-\x7e]*@[A-Za-z0-9.-]+\Z")
+_T = TypeVar("_T")
 
 
 class DkimResult(StrEnum):
@@ -170,12 +178,14 @@ class _Verdict(Exception):
         self.reason = reason
 
 
-_BodyKey = tuple[Mode, HashName, int | None]
+BodyKey = tuple[Mode, HashName, int | None]
+"""What a body hash depends on: canonicalization, hash, length limit (``l=``)."""
 
 
 @dataclass(frozen=True, slots=True)
-class _Signature:
-    """A DKIM-Signature field that is well-formed, with its tags read."""
+class MessageSignature:
+    """A DKIM-Signature or ARC-Message-Signature whose tags read well: what verifying it
+    needs (RFC 6376 §3.5; RFC 8617 §4.1.2)."""
 
     field: HeaderField
     algorithm: Algorithm
@@ -183,12 +193,10 @@ class _Signature:
     body_canon: Mode
     domain: str
     selector: str
-    auid: str
     signed: tuple[str, ...]
     body_hash: bytes
     signature: bytes
     length: int | None
-    timestamp: int | None
     expires: int | None
 
     @property
@@ -196,8 +204,17 @@ class _Signature:
         return self.selector, self.domain
 
     @property
-    def body_key(self) -> _BodyKey:
+    def body_key(self) -> BodyKey:
         return self.body_canon, self.algorithm.hash_name, self.length
+
+
+@dataclass(frozen=True, slots=True)
+class _Signature(MessageSignature):
+    """A DKIM-Signature field that is well-formed, with its tags read (``i=`` and ``t=``
+    too)."""
+
+    auid: str
+    timestamp: int | None
 
 
 # --- reading a signature -----------------------------------------------------------------------
@@ -294,22 +311,11 @@ def _check_query(value: str | None) -> None:
 
 
 def _number(tags: dict[str, str], name: str) -> int | None:
-    value = tags.get(name)
-    if value is None:
-        return None
-    if not _DIGITS[name].match(value):
-        raise _permerror(f"malformed {name}={value}")
-    return int(value)
+    return number_value(tags, name, _DIGITS[name], _permerror)
 
 
 def _base64(tags: dict[str, str], name: str) -> bytes:
-    try:
-        data = base64.b64decode(compact(tags[name]), validate=True)
-    except binascii.Error as exc:
-        raise _permerror(f"{name}= is not base64") from exc
-    if not data:
-        raise _permerror(f"{name}= is empty")
-    return data
+    return base64_value(tags, name, _permerror)
 
 
 # --- verifying ---------------------------------------------------------------------------------
@@ -330,9 +336,9 @@ async def verify(
     when = time.time() if now is None else now
     prepared = [_prepare(f, when) for f in fields[:max_signatures]]
     signatures = [s for s in prepared if isinstance(s, _Signature)]
-    keys = await _fetch_keys(resolver, {s.key_id for s in signatures})
+    keys = await fetch_keys(resolver, {s.key_id for s in signatures})
     needed = {s.body_key for s in signatures if isinstance(_usable_key(s, keys), KeyRecord)}
-    bodies = await _hash_bodies(message, parsed.body_offset, needed)
+    bodies = await hash_bodies_async(message, parsed.body_offset, needed)
     results = [_conclude(item, keys, bodies, parsed.fields) for item in prepared]
     skipped = _Verdict(DkimResult.NEUTRAL, f"not evaluated: over {max_signatures} signatures")
     results += [_describe(f, skipped) for f in fields[max_signatures:]]
@@ -353,31 +359,15 @@ def _check_expiry(signature: _Signature, now: float) -> None:
         raise _Verdict(DkimResult.NEUTRAL, f"signature expired (x={signature.expires})")
 
 
-_Keys = dict[tuple[str, str], KeyRecord | _Verdict]
-
-
-async def _fetch_keys(resolver: Resolver, wanted: set[tuple[str, str]]) -> _Keys:
-    found: _Keys = {}
-
-    async def one(selector: str, domain: str) -> None:
-        try:
-            found[(selector, domain)] = await fetch_key(resolver, selector, domain)
-        except KeyRecordError as exc:
-            found[(selector, domain)] = _permerror(str(exc))
-        except DnsTemporaryError as exc:
-            found[(selector, domain)] = _Verdict(DkimResult.TEMPERROR,
-                                                 f"key lookup failed: {exc}")
-
-    async with asyncio.TaskGroup() as group:
-        for selector, domain in sorted(wanted):
-            group.create_task(one(selector, domain))
-    return found
+_Keys = dict[tuple[str, str], KeyLookup]
 
 
 def _usable_key(signature: _Signature, keys: _Keys) -> KeyRecord | _Verdict:
     key = keys[signature.key_id]
-    if isinstance(key, _Verdict):
-        return key
+    if isinstance(key, KeyRecordError):
+        return _permerror(str(key))
+    if isinstance(key, DnsTemporaryError):
+        return _Verdict(DkimResult.TEMPERROR, f"key lookup failed: {key}")
     problem = key_problem(signature.algorithm, signature.domain, signature.auid, key)
     return key if problem is None else _permerror(problem)
 
@@ -399,17 +389,25 @@ def key_problem(algorithm: Algorithm, domain: str, auid: str, key: KeyRecord) ->
     return None
 
 
-async def _hash_bodies(
-    message: bytes, offset: int, needed: set[_BodyKey]
-) -> dict[_BodyKey, BodyHash]:
-    if len(message) - offset > BIG_BODY:
-        return await asyncio.to_thread(hash_bodies, message, offset, needed)
-    return hash_bodies(message, offset, needed)
+async def in_worker_if_big(size: int, work: Callable[[], _T]) -> _T:
+    """``work()``, in a worker thread when ``size`` (of the message or body it works on)
+    is over :data:`BIG_BODY`, so that a big message never stalls the event loop."""
+    if size > BIG_BODY:
+        return await asyncio.to_thread(work)
+    return work()
+
+
+async def hash_bodies_async(
+    message: bytes, offset: int, needed: Iterable[BodyKey]
+) -> dict[BodyKey, BodyHash]:
+    """:func:`hash_bodies`, in a worker thread for a body over :data:`BIG_BODY`."""
+    return await in_worker_if_big(len(message) - offset,
+                                  lambda: hash_bodies(message, offset, needed))
 
 
 def hash_bodies(
-    message: bytes, offset: int, needed: Iterable[_BodyKey]
-) -> dict[_BodyKey, BodyHash]:
+    message: bytes, offset: int, needed: Iterable[BodyKey]
+) -> dict[BodyKey, BodyHash]:
     """The body hash for each (canonicalization, hash, length limit) in ``needed``."""
     return {key: body_hash(message, offset, *key) for key in needed}
 
@@ -417,7 +415,7 @@ def hash_bodies(
 def _conclude(
     item: _Signature | tuple[HeaderField, _Verdict],
     keys: _Keys,
-    bodies: dict[_BodyKey, BodyHash],
+    bodies: dict[BodyKey, BodyHash],
     fields: Sequence[HeaderField],
 ) -> DkimSignatureResult:
     if not isinstance(item, _Signature):
@@ -432,24 +430,35 @@ def _check(
     signature: _Signature, key: KeyRecord, body: BodyHash, fields: Sequence[HeaderField]
 ) -> _Verdict:
     """The verdict on a signature whose key is usable (RFC 6376 §6.1.3)."""
-    fail = DkimResult.FAIL
-    if signature.length is not None and body.length < signature.length:
-        return _Verdict(fail, f"l={signature.length} is longer than the body")
-    if not hmac.compare_digest(body.digest, signature.body_hash):
-        return _Verdict(fail, "body hash did not verify")
-    unsigned = signature.field.with_value(strip_tag_value(signature.field.value, "b"))
-    data = header_hash_input(fields, signature.signed, unsigned, signature.header_canon)
-    assert key.public_key is not None  # key_problem() refused revoked keys
-    if not verify_signature(key.public_key, signature.algorithm, signature.signature, data):
-        return _Verdict(fail, "signature did not verify")
+    problem = signature_problem(signature, key, body, fields)
+    if problem is not None:
+        return _Verdict(DkimResult.FAIL, problem)
     if signature.algorithm.hash_name == "sha1":
         return _Verdict(DkimResult.POLICY, "rsa-sha1 verified, but is not trusted (RFC 8301)")
     testing = " (key in testing mode, t=y)" if key.testing else ""
     return _Verdict(DkimResult.PASS, f"verified{testing}")
 
 
+def signature_problem(
+    signature: MessageSignature, key: KeyRecord, body: BodyHash, fields: Sequence[HeaderField]
+) -> str | None:
+    """Why a signature does not verify with a key that fits it (:func:`key_problem` said
+    None) and the body hash it asks for (RFC 6376 §6.1.3), or None when it verifies:
+    ``l=`` longer than the body, the body hash, or the signature of the header fields."""
+    if signature.length is not None and body.length < signature.length:
+        return f"l={signature.length} is longer than the body"
+    if not hmac.compare_digest(body.digest, signature.body_hash):
+        return "body hash did not verify"
+    unsigned = signature.field.with_value(strip_tag_value(signature.field.value, "b"))
+    data = header_hash_input(fields, signature.signed, unsigned, signature.header_canon)
+    assert key.public_key is not None  # key_problem() refused revoked keys
+    if not verify_signature(key.public_key, signature.algorithm, signature.signature, data):
+        return "signature did not verify"
+    return None
+
+
 def _describe(
-    field: HeaderField, verdict: _Verdict, key: KeyRecord | _Verdict | None = None
+    field: HeaderField, verdict: _Verdict, key: KeyLookup | None = None
 ) -> DkimSignatureResult:
     """The result for ``field``: its tags as far as they can be read, and the verdict."""
     try:
@@ -538,10 +547,8 @@ async def sign_async(
     identity: str | None = None,
 ) -> bytes:
     """:func:`sign`, in a worker thread when the message is longer than :data:`BIG_BODY`."""
-    if len(message) > BIG_BODY:
-        return await asyncio.to_thread(
-            lambda: sign(message, keys, now=now, options=options, identity=identity))
-    return sign(message, keys, now=now, options=options, identity=identity)
+    return await in_worker_if_big(
+        len(message), lambda: sign(message, keys, now=now, options=options, identity=identity))
 
 
 def _signature_tags(

@@ -5,9 +5,11 @@ Takes: key records as DNS TXT bytes (fetched through :class:`tayori.dns.Resolver
 or the base64 32-octet Ed25519 seed that dkimpy writes).
 Promises: :func:`parse_key_record` returns a :class:`KeyRecord` (``public_key`` None for
 a revoked key, ``p=`` empty). :func:`fetch_key` uses the first of a name's TXT records
-that is a DKIM key record. :func:`verify_signature` and :func:`make_signature` are the
-two cryptographic operations, for every algorithm in :data:`ALGORITHMS`: RSASSA-PKCS1-v1_5
-over the hash, or Ed25519 over the SHA-256 digest (RFC 8463 §3, PureEdDSA of the hash).
+that is a DKIM key record; :func:`fetch_keys` fetches several, concurrently, and keeps
+each failure as its exception (DKIM and ARC report them each their own way).
+:func:`verify_signature` and :func:`make_signature` are the two cryptographic operations,
+for every algorithm in :data:`ALGORITHMS`: RSASSA-PKCS1-v1_5 over the hash, or Ed25519
+over the SHA-256 digest (RFC 8463 §3, PureEdDSA of the hash).
 :func:`keygen` makes a key and the TXT value to publish; :func:`write_private_key` writes
 it with mode 0600 from the first byte on, atomically, never replacing an existing file.
 Failure policy: a key record that cannot be used (malformed tag list, ``v=`` other than
@@ -23,12 +25,14 @@ bits; rsa-sha1 is not trusted), RFC 3447/8017 (RSA), RFC 8032 (Ed25519), RFC 103
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from tayori.address import to_ascii_domain
 from tayori.auth.dkim_tags import TagListError, compact, parse_tag_list, split_list
-from tayori.dns import NxDomain, Resolver
+from tayori.dns import DnsTemporaryError, NxDomain, Resolver
 
 KeyType = Literal["rsa", "ed25519"]
 PublicKey = rsa.RSAPublicKey | ed25519.Ed25519PublicKey
@@ -179,6 +183,28 @@ async def fetch_key(resolver: Resolver, selector: str, domain: str) -> KeyRecord
         except KeyRecordError as exc:
             first_error = first_error or exc
     raise first_error or KeyRecordError(f"no key record at {name}")
+
+
+KeyLookup = KeyRecord | KeyRecordError | DnsTemporaryError
+"""What :func:`fetch_keys` found for one key: the record, or why there is none."""
+
+
+async def fetch_keys(resolver: Resolver, wanted: Iterable[tuple[str, str]]
+                     ) -> dict[tuple[str, str], KeyLookup]:
+    """:func:`fetch_key` for each (selector, domain) of ``wanted``, concurrently: its key
+    record, or the KeyRecordError or DnsTemporaryError that stopped it."""
+    found: dict[tuple[str, str], KeyLookup] = {}
+
+    async def one(selector: str, domain: str) -> None:
+        try:
+            found[(selector, domain)] = await fetch_key(resolver, selector, domain)
+        except (KeyRecordError, DnsTemporaryError) as exc:
+            found[(selector, domain)] = exc
+
+    async with asyncio.TaskGroup() as group:
+        for selector, domain in sorted(wanted):
+            group.create_task(one(selector, domain))
+    return found
 
 
 def verify_signature(
@@ -369,6 +395,7 @@ __all__ = [
     "MAX_RSA_BITS",
     "MIN_RSA_BITS",
     "Algorithm",
+    "KeyLookup",
     "KeyRecord",
     "KeyRecordError",
     "KeyType",
@@ -378,6 +405,7 @@ __all__ = [
     "check_selector",
     "create_key",
     "fetch_key",
+    "fetch_keys",
     "key_name",
     "keygen",
     "load_signing_key",

@@ -6,14 +6,16 @@ Promises: :func:`parse_tag_list` returns the tags as an ordered ``dict`` of name
 (UTF-8 text, folding CRLFs removed, surrounding whitespace stripped, inner whitespace
 kept: :func:`compact` removes it for base64 values). :func:`strip_tag_value` blanks one
 tag's value, surrounding whitespace included, byte for byte elsewhere: this is how the
-``b=`` of the signature being checked is left out of its own hash.
+``b=`` of the signature being checked is left out of its own hash. :func:`number_value`
+and :func:`base64_value` read a numeric or base64 tag, for DKIM and ARC alike.
 :func:`fold_field` lays a signature field out on lines shorter than the layout's width,
 breaking only where folding whitespace is allowed, with ``b=`` on lines of its own.
 Failure policy: a malformed list (a tag name that is not ``ALPHA *(ALPHA / DIGIT / "_")``,
 a tag without ``=``, a duplicate tag, a control character or a bare CR/LF in a value,
 invalid UTF-8) raises :class:`TagListError`; empty tag-specs (``;;``, a trailing ``;``)
 are tolerated, unless ``strict`` (RFC 6376 §3.2's grammar: one trailing ``;`` only, as
-ARC validators read it).
+ARC validators read it). :func:`number_value` and :func:`base64_value` raise the caller's
+own ``error`` (DKIM's permerror, ARC's broken chain) with the reason.
 Config keys: none.
 Standards: RFC 6376 §3.2 (tag=value lists), §3.5 (``b=`` blanked for hashing); RFC 8616
 (UTF-8 in tag values); RFC 8617 §4.1 (ARC uses the same lists).
@@ -21,8 +23,10 @@ Standards: RFC 6376 §3.2 (tag=value lists), §3.5 (``b=`` blanked for hashing);
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 _TAG_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9_]*\Z")
@@ -99,6 +103,30 @@ def compact(value: str) -> str:
 def split_list(value: str, separator: str = ":") -> list[str]:
     """A colon-separated tag value (``h=``, ``q=``, key ``h=``/``s=``/``t=``), stripped."""
     return [item.strip(" \t") for item in value.split(separator)]
+
+
+def number_value(tags: dict[str, str], name: str, digits: re.Pattern[str],
+                 error: Callable[[str], Exception]) -> int | None:
+    """The number tag ``name`` holds, None without it; ``error(reason)`` is raised when its
+    value does not match ``digits``."""
+    value = tags.get(name)
+    if value is None:
+        return None
+    if not digits.match(value):
+        raise error(f"malformed {name}={value}")
+    return int(value)
+
+
+def base64_value(tags: dict[str, str], name: str, error: Callable[[str], Exception]) -> bytes:
+    """The data tag ``name`` holds in base64 (whitespace removed, :func:`compact`);
+    ``error(reason)`` is raised when it is not base64, or empty."""
+    try:
+        data = base64.b64decode(compact(tags[name]), validate=True)
+    except binascii.Error as exc:
+        raise error(f"{name}= is not base64") from exc
+    if not data:
+        raise error(f"{name}= is empty")
+    return data
 
 
 def _show(data: bytes) -> str:
@@ -189,8 +217,10 @@ __all__ = [
     "Layout",
     "TagListError",
     "TagValue",
+    "base64_value",
     "compact",
     "fold_field",
+    "number_value",
     "parse_tag_list",
     "split_list",
     "strip_tag_value",

@@ -264,14 +264,22 @@ class _Reader:
             else:
                 return
 
+    def _take(self) -> tuple[str, bool]:
+        """The next character, and whether it came as a quoted-pair (``\\`` and the
+        character: RFC 5322 §3.2.1, in comments and quoted strings alike)."""
+        char = self.text[self.pos]
+        self.pos += 1
+        if char == "\\" and self.pos < len(self.text):
+            self.pos += 1
+            return self.text[self.pos - 1], True
+        return char, False
+
     def _comment(self) -> str:
         depth, out = 0, []
         while self.pos < len(self.text):
-            char = self.text[self.pos]
-            self.pos += 1
-            if char == "\\" and self.pos < len(self.text):
-                out.append(self.text[self.pos])
-                self.pos += 1
+            char, escaped = self._take()
+            if escaped:
+                out.append(char)
                 continue
             if char == "(":
                 depth += 1
@@ -288,11 +296,9 @@ class _Reader:
         self.pos += 1  # the opening quote
         out = []
         while self.pos < len(self.text):
-            char = self.text[self.pos]
-            self.pos += 1
-            if char == "\\" and self.pos < len(self.text):
-                out.append(self.text[self.pos])
-                self.pos += 1
+            char, escaped = self._take()
+            if escaped:
+                out.append(char)
             elif char == '"':
                 return "".join(out)
             elif char not in "\r\n":

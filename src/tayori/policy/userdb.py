@@ -12,7 +12,8 @@ Promises:
 - The directories backed by hashes spend the same work on an unknown user as on a known
   one: the password is checked against a dummy argon2id hash (:func:`judge`).
 - Password checks run off the event loop, in a small bounded pool of threads
-  (:func:`off_loop`, :data:`VERIFY_THREADS` at once: argon2 takes 64 MiB each).
+  (:func:`off_loop`, :data:`VERIFY_THREADS` at once: argon2 takes 64 MiB each;
+  :func:`authenticate_off_loop` is ``authenticate`` for the directories that block).
 - ``await sender_addresses(login)`` gives the addresses (``user@domain``) and domains
   (``@domain``) the login may use in MAIL FROM: the login itself when it is an address,
   plus what the directory (or a :class:`SenderMap` given to it) lists. Entries are
@@ -226,6 +227,16 @@ def refuse_early(login: str, password: str) -> AuthOutcome | None:
     if not login or any(c in login or c in password for c in "\x00\r\n"):
         return AuthOutcome.bad("malformed login or password")
     return None
+
+
+async def authenticate_off_loop(check: Callable[[str, str], AuthOutcome], login: str,
+                                password: str) -> AuthOutcome:
+    """``authenticate`` for a directory whose check blocks (reading its table, checking
+    the hash): :func:`refuse_early`, then ``check(login, password)`` :func:`off_loop`."""
+    refused = refuse_early(login, password)
+    if refused is not None:
+        return refused
+    return await off_loop(check, login, password)
 
 
 # --- file tables, read again when they change ----------------------------------------

@@ -50,9 +50,9 @@ from tayori.policy.userdb import (
     DirectoryUnavailable,
     SenderMap,
     WatchedFile,
+    authenticate_off_loop,
     judge,
     off_loop,
-    refuse_early,
     sender_set,
     split_list,
 )
@@ -133,10 +133,7 @@ class FileUsers:
         self._senders = senders
 
     async def authenticate(self, login: str, password: str) -> AuthOutcome:
-        refused = refuse_early(login, password)
-        if refused is not None:
-            return refused
-        return await off_loop(self._authenticate, login, password)
+        return await authenticate_off_loop(self._authenticate, login, password)
 
     def _authenticate(self, login: str, password: str) -> AuthOutcome:
         users = self._table.current()

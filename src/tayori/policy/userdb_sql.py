@@ -40,9 +40,9 @@ from tayori.policy.userdb import (
     AuthOutcome,
     DirectoryUnavailable,
     SenderMap,
+    authenticate_off_loop,
     judge,
     off_loop,
-    refuse_early,
     sender_set,
     split_list,
 )
@@ -135,10 +135,7 @@ class SqlUsers:
         self.source.close()
 
     async def authenticate(self, login: str, password: str) -> AuthOutcome:
-        refused = refuse_early(login, password)
-        if refused is not None:
-            return refused
-        return await off_loop(self._authenticate, login, password)
+        return await authenticate_off_loop(self._authenticate, login, password)
 
     def _authenticate(self, login: str, password: str) -> AuthOutcome:
         try:
