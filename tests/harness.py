@@ -114,6 +114,7 @@ class Tayori:
     tables: dict[str, Any] = field(default_factory=dict)   # more [tables]
     hostname: str = "mx.tayori.test"
     user: str = ""
+    workers: int = 0                 # 0: one per core, as in production
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -133,7 +134,8 @@ class Tayori:
             self.port = free_port(self.host)
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         parts = [
-            f'hostname = "{self.hostname}"\nspool = "{self.spool}"\nuser = "{self.user}"\n',
+            f'hostname = "{self.hostname}"\nspool = "{self.spool}"\nuser = "{self.user}"\n'
+            f"workers = {self.workers}\n",
             toml_table("[log]", {"level": "debug", "file": str(self.log_path)}),
             toml_table("[[listen]]", {"address": address, **self.listen}),
             toml_table("[limits]", {"drain_timeout": 5, **self.limits}),

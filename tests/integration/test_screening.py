@@ -90,7 +90,8 @@ def test_rate_limits_and_messages_per_connection(make_tayori: MakeTayori,
                                                  dns: DnsStub) -> None:
     tayori = untrusted(make_tayori, dns, limits={"recipients_per_sender": "3/1h",
                                                  "messages_per_client": "3/1h",
-                                                 "max_messages_per_connection": 2})
+                                                 "max_messages_per_connection": 2},
+                       workers=1)   # the buckets are per worker process
     with tayori.client() as client:
         client.greeting_and_ehlo()
         client.expect_cmd("MAIL FROM:<a@example.net>", 250)
