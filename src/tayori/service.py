@@ -37,6 +37,7 @@ from tayori.deliver.dispatch import Dispatcher, Identity
 from tayori.dns import DnsPythonResolver
 from tayori.process import die_with_parent
 from tayori.queue.manager import QueueManager
+from tayori.queue.reports import ReportJob
 from tayori.queue.spool import Spool, SpoolBusy
 from tayori.receive.connections import ConnectionTable
 from tayori.receive.listener import Receiver
@@ -124,7 +125,8 @@ async def _worker(receiver: Receiver, config_path: str | None, announce: bool,
 
 async def _start_manager(config: Config, spool: Spool) -> QueueManager:
     resolver = DnsPythonResolver(config.dns.nameservers, timeout=config.dns.timeout)
-    manager = QueueManager(config, spool, Dispatcher(config, resolver, Identity.of(config)))
+    manager = QueueManager(config, spool, Dispatcher(config, resolver, Identity.of(config)),
+                           reports=ReportJob(spool, resolver))
     await manager.start()
     return manager
 

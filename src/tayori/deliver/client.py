@@ -23,6 +23,10 @@ Promises:
 - MAIL and RCPT go in one write when the server offers PIPELINING (RFC 2920); content
   goes by BDAT when it offers CHUNKING (RFC 3030), otherwise DATA, dot-stuffed; every
   line ends in CRLF (:class:`tayori.smtp.client.ContentEncoder`).
+- A transaction's :data:`Prefix` (DKIM signatures, an ARC set: :mod:`tayori.auth.outbound`)
+  is asked for its header fields before MAIL, given the content exactly as it will go
+  out (downgraded if need be, CRLF line ends, not dot-stuffed), and they go in front of
+  it; ``SIZE=`` and the size check count them (and the downgrade's growth).
 - Timeouts are RFC 5321 §4.5.3.2's: greeting 5 min, MAIL/RCPT 5 min, DATA 2 min, each
   data block 3 min, the final reply 10 min; connecting 30 s. All configurable.
 Failure policy: no exception text reaches a reply: texts name the host and what failed.
@@ -36,8 +40,8 @@ import contextlib
 import ipaddress
 import ssl
 import time
-from collections.abc import Container, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Container, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 
 from tayori.deliver import downgrade
 from tayori.errors import Reply
@@ -55,6 +59,9 @@ from tayori.smtp.client import (
 READ_SIZE = 64 * 1024
 CHUNK_SIZE = 1024 * 1024   # BDAT chunk and file read size
 TLS_POLICIES = ("none", "may", "encrypt", "verify")
+Prefix = Callable[[bytes], Awaitable[bytes]]
+"""Given a message's content as it goes out, the header fields (CRLF) to put before it,
+``b""`` for none. It must not raise: it decides itself what a failure means."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +114,16 @@ class Transaction:
     recipients: tuple[Recipient, ...]
     options: MailOptions
     path: str                     # the spool's body file
+    prefix: Prefix | None = None  # header fields to send before the content
+
+
+@dataclass(frozen=True, slots=True)
+class _Content:
+    """What goes out after the data command: pieces (not yet CRLF-checked nor stuffed)
+    and their total size (for ``SIZE=``)."""
+
+    pieces: Iterable[bytes]
+    size: int
 
 
 class HopError(Exception):
@@ -271,13 +288,30 @@ class Connection:
         self.transactions += 1
         results: list[Reply | None] = [None] * count
         try:
-            await self._transaction(transaction, results)
+            content = await self._prepare(transaction)
+            options = replace(transaction.options, size=content.size)
+            refusal = self._refusal(options)   # the prefix counts too
+            if refusal is not None:
+                return [refusal] * count
+            await self._transaction(replace(transaction, options=options), content, results)
         except (_Broken, OSError, TimeoutError, ProtocolError) as exc:
             self.broken = True
             lost = Reply(451, "4.4.2", f"lost connection with {self.target.describe()} "
                          f"while {exc.args[0] if isinstance(exc, _Broken) else 'talking'}")
             return [lost if result is None else result for result in results]
         return [result or Reply(451, "4.3.0", "no reply") for result in results]
+
+    async def _prepare(self, tx: Transaction) -> _Content:
+        """The content to send: the spool file read as it is sent, unless it must be
+        downgraded or prefixed (then whole, off the event loop: CPU work)."""
+        downgrading = tx.options.body == "8BITMIME" and not (
+            self.caps.eightbitmime or self.caps.binarymime)
+        if not downgrading and tx.prefix is None:
+            return _Content(_read_chunks(tx.path), tx.options.size)
+        data = await asyncio.get_running_loop().run_in_executor(
+            None, _outgoing, tx.path, downgrading, tx.options.body == "BINARYMIME")
+        prefix = await tx.prefix(data) if tx.prefix is not None else b""
+        return _Content(_pieces(prefix, data), len(prefix) + len(data))
 
     def _refusal(self, options: MailOptions) -> Reply | None:
         caps, who = self.caps, self.target.describe()
@@ -293,7 +327,8 @@ class Connection:
                          "cannot take")
         return None
 
-    async def _transaction(self, tx: Transaction, results: list[Reply | None]) -> None:
+    async def _transaction(self, tx: Transaction, content: _Content,
+                           results: list[Reply | None]) -> None:
         timeouts = self.settings.timeouts
         commands = [mail_command(tx.sender, tx.options, self.caps)]
         commands += [rcpt_command(r.address, self.caps, r.notify, r.orcpt)
@@ -323,17 +358,12 @@ class Connection:
         if not accepted:
             await self.reset()
             return
-        for index, reply in zip(accepted, await self._content(tx, len(accepted)), strict=True):
+        replies = await self._content(content.pieces, tx.options.body, len(accepted))
+        for index, reply in zip(accepted, replies, strict=True):
             results[index] = _remote(_expect(reply, range(200, 300), "the data"))
 
-    async def _content(self, tx: Transaction, accepted: int) -> list[Reply]:
+    async def _content(self, chunks: Iterable[bytes], body: str, accepted: int) -> list[Reply]:
         timeouts = self.settings.timeouts
-        body = tx.options.body
-        if body == "8BITMIME" and not (self.caps.eightbitmime or self.caps.binarymime):
-            loop = asyncio.get_running_loop()  # CPU work for big messages: off the loop
-            chunks: Iterable[bytes] = [await loop.run_in_executor(None, _downgraded, tx.path)]
-        else:
-            chunks = _read_chunks(tx.path)
         if self.caps.chunking and not self.settings.lmtp:
             return [await self._bdat(chunks, binary=body == "BINARYMIME")] * accepted
         self._write(b"DATA\r\n")
@@ -459,9 +489,26 @@ def _server_name(host: str) -> str | None:
     return None if host.startswith("[") or is_ip(host) else host
 
 
-def _downgraded(path: str) -> bytes:
+def _outgoing(path: str, downgrading: bool, binary: bool) -> bytes:
+    """The whole message as it goes out, before any dot-stuffing: downgraded (RFC 6152)
+    when asked, with CRLF line ends as :class:`ContentEncoder` makes them (binary
+    content goes as it is)."""
     with open(path, "rb") as handle:
-        return downgrade.downgrade(handle.read())
+        data = handle.read()
+    if downgrading:
+        data = downgrade.downgrade(data)
+    if binary:
+        return data
+    encoder = ContentEncoder(dot_stuff=False)
+    return encoder.feed(data) + encoder.end()
+
+
+def _pieces(prefix: bytes, data: bytes) -> Iterator[bytes]:
+    """``prefix`` and ``data`` in pieces of about :data:`CHUNK_SIZE` (the prefix goes
+    with the first: no BDAT chunk of its own)."""
+    yield prefix + data[:CHUNK_SIZE]
+    for start in range(CHUNK_SIZE, len(data), CHUNK_SIZE):
+        yield data[start:start + CHUNK_SIZE]
 
 
 def _expect(reply: Reply, good: Container[int], stage: str) -> Reply:

@@ -15,10 +15,14 @@ Promises:
   ``delivery.max_connections`` in total; a connection that finished a transaction
   cleanly (RSET accepted) waits ``delivery.reuse_time`` for the next message to the
   same destination.
+- Outbound authentication (:mod:`tayori.auth.outbound`): each transaction gets the
+  DKIM signatures and ARC set its message and recipients call for, made over the
+  content as it is sent (after a downgrade) and sent in front of it.
 - The operator log gets one line per connection failure and per TLS fallback.
 Failure policy: an unexpected exception in an attempt gives ``451 4.3.0`` for its
 recipients (they are retried) and an error line in the log.
-Config keys: ``actions.*``, ``delivery.*``, ``dns.*``, ``hostname``.
+Config keys: ``actions.*``, ``delivery.*``, ``dns.*``, ``hostname``; through
+:mod:`tayori.auth.outbound`, ``dkim.*``, ``dkim_key``, ``arc.*``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from tayori import maillog
+from tayori.auth.outbound import OutboundAuth, Prefix
 from tayori.config import Config
 from tayori.config.model import ActionConfig, parse_next_hop
 from tayori.deliver.client import (
@@ -115,6 +120,7 @@ def _addresses_of(name: str) -> set[str]:
 class Dispatcher:
     def __init__(self, config: Config, resolver: Resolver, identity: Identity) -> None:
         self.config, self.resolver, self.identity = config, resolver, identity
+        self.outbound = OutboundAuth(config, resolver)   # loads the DKIM keys
         self._total = asyncio.Semaphore(config.delivery.max_connections)
         self._destinations: dict[tuple[str, str], _Destination] = {}
 
@@ -125,6 +131,7 @@ class Dispatcher:
             self._total = asyncio.Semaphore(config.delivery.max_connections)
         self.config = config
         self.identity = Identity.of(config)
+        self.outbound = OutboundAuth(config, self.resolver)
 
     def saturated(self, job: Delivery) -> bool:
         """True when the job's destination already has twice its connection limit's
@@ -170,7 +177,7 @@ class Dispatcher:
         if not _exists(job.path):   # removed by `tayori queue delete` meanwhile
             return [Result(Reply(451, "4.3.0", "the message was removed from the queue"))
                     ] * len(job.recipients)
-        transaction = _transaction(job)
+        transaction = _transaction(job, self.outbound.prefix(job.message, job.recipients))
         while destination.idle:
             connection = destination.idle.pop()
             replies = await _send(connection, transaction)
@@ -308,14 +315,14 @@ def _exists(path: str) -> bool:
     return os.path.exists(path)
 
 
-def _transaction(job: Delivery) -> Transaction:
+def _transaction(job: Delivery, prefix: Prefix | None) -> Transaction:
     message = job.message
     return Transaction(
         sender=message.sender,
         recipients=tuple(Recipient(c.address, c.notify, c.orcpt) for c in job.recipients),
         options=MailOptions(size=message.size, body=message.body_type,
                             smtputf8=message.smtputf8, ret=message.ret, envid=message.envid),
-        path=job.path)
+        path=job.path, prefix=prefix)
 
 
 def _temporary(reply: Reply) -> Reply:

@@ -28,13 +28,16 @@ Promises (DESIGN §2.2, §2.5, §5):
 - Messages with nothing left to do leave the index and the disk.
 - Messages dropped by the sendmail command (:mod:`tayori.queue.maildrop`) are picked
   up into the queue when the maildrop changed (a stat per turn), or every 30 s.
+- DMARC aggregate reports are queued by the :class:`~tayori.queue.reports.ReportJob`
+  the manager is given (the daemon gives one), run beside it from
+  :meth:`QueueManager.start` to :meth:`QueueManager.stop`.
 - ``maildir``, ``mbox`` and ``pipe`` recipients are delivered by
   :mod:`tayori.deliver.local`, a message's recipients of one action together; the others
   by the dispatcher.
 Failure policy: an error of the index or the disk is logged and the manager tries again
 after a pause; an unexpected exception in one attempt is confined to its recipients
 (``451 4.3.0``, retried).
-Config keys: ``queue.*``, ``hostname``, ``actions``, ``match``.
+Config keys: ``queue.*``, ``hostname``, ``actions``, ``match``, ``dmarc.report*``.
 Standards: RFC 3461 (NOTIFY, ORCPT, ENVID, RET), RFC 3464, RFC 5321 §4.5.4.1 (retry).
 """
 
@@ -60,8 +63,9 @@ from tayori.deliver.dispatch import Delivery, Dispatcher, Result
 from tayori.deliver.local import LocalDeliverer
 from tayori.errors import Reply
 from tayori.policy.relay import Rules
-from tayori.queue import maildrop, wakeup
-from tayori.queue.spool import Envelope, RecipientRecord, Spool, new_queue_id
+from tayori.queue import internal, maildrop, wakeup
+from tayori.queue.reports import ReportJob
+from tayori.queue.spool import RecipientRecord, Spool, new_queue_id
 from tayori.queue.store import Claim, Outcome, QueuedMessage, QueueStore
 
 DELIVERABLE = ("mx", "relay", "lmtp", "maildir", "mbox", "pipe")
@@ -163,7 +167,7 @@ class _Pass:
 class QueueManager:
     def __init__(self, config: Config, spool: Spool, dispatcher: Dispatcher, *,
                  clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, reports: ReportJob | None = None) -> None:
         self.config, self.spool, self.dispatcher = config, spool, dispatcher
         self.rules = Rules(config)
         self.local = LocalDeliverer(config)
@@ -181,6 +185,8 @@ class QueueManager:
         self._maildrop_seen: int | None = None    # the maildrop's mtime when last empty
         self._maildrop_scanned = 0.0
         self._settler: asyncio.Task[None] | None = None
+        self.reports = reports
+        self._reporting: asyncio.Task[None] | None = None
 
     @property
     def waiting(self) -> tuple[str, ...]:
@@ -216,6 +222,8 @@ class QueueManager:
                                                          self.spool.directory)
         self._listener = wakeup.Listener(self.spool.directory, self._wake.set)
         self._runner = asyncio.create_task(self._run())
+        if self.reports is not None:
+            self._reporting = asyncio.create_task(self.reports.run(lambda: self.config))
 
     def poke(self) -> None:
         self._wake.set()
@@ -224,6 +232,9 @@ class QueueManager:
         """Claim nothing more; let attempts under way finish for up to ``grace`` s."""
         self._stopping = True
         self._wake.set()
+        if self._reporting is not None:
+            self._reporting.cancel()
+            await asyncio.gather(self._reporting, return_exceptions=True)
         if self._runner is not None:
             await self._runner
         if self._tasks:
@@ -514,11 +525,7 @@ class QueueManager:
 
     async def _queue_dsn(self, message: QueuedMessage, reports: tuple[bounce.RecipientReport,
                          ...], recipient: str) -> str | None:
-        try:
-            domain = parse_mailbox(recipient, utf8=True).ascii_domain
-        except AddressError:
-            domain = ""
-        action = self.rules.route_internal(domain)
+        action = internal.route(self.rules, recipient)
         if action is None:
             maillog.warning("dsn-dropped", queue_id=message.queue_id, to=recipient,
                             reason="no match rule routes the sender's domain")
@@ -534,15 +541,10 @@ class QueueManager:
         content = await asyncio.get_running_loop().run_in_executor(
             None, _compose, report, path, now, f"{dsn_id}@{self.config.hostname}",
             self.config.queue.bounce_size_limit)
-        draft = self.spool.new_draft(dsn_id)
-        draft.write(content)
-        envelope = Envelope(
-            queue_id=dsn_id, sender="", recipients=(RecipientRecord(recipient, action),),
-            size=len(content), client_address="127.0.0.1", client_name="localhost",
-            helo=self.config.hostname, protocol="dsn", received_at=now,
-            body_type="8BITMIME" if bounce.needs_8bitmime(content) else "7BIT",
-            smtputf8=not recipient.isascii() or message.smtputf8)
-        await self.spool.commit(draft, envelope)
+        await internal.enqueue(self.spool, content, queue_id=dsn_id, sender="",
+                               recipients=(RecipientRecord(recipient, action),),
+                               hostname=self.config.hostname, protocol="dsn", now=now,
+                               smtputf8=message.smtputf8)
         return dsn_id
 
 
