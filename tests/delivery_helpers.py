@@ -31,6 +31,8 @@ CORPUS = sorted([*MIME.glob("*.eml"), *MIME.glob("cpython-email/*.txt")]) if MIM
     else []
 
 RECEIVED = re.compile(rb"Received: [^\r\n]*\r?\n(?:[ \t][^\r\n]*\r?\n)*", re.IGNORECASE)
+CHECK_RESULTS = re.compile(rb"(?:(?:Authentication-Results|Received-SPF):[^\n]*\n"
+                           rb"(?:[ \t][^\n]*\n)*)*")
 
 
 @contextlib.contextmanager
@@ -82,9 +84,12 @@ def is_8bit(message: bytes) -> bool:
 
 
 def split_received(data: bytes, count: int) -> tuple[list[bytes], bytes]:
-    """The first ``count`` Received fields (asserted present) and what follows them."""
+    """The first ``count`` Received fields (asserted present) and what follows them.
+    The results of tayori's checks of a stranger's mail (Authentication-Results,
+    Received-SPF, just above its Received) are passed over."""
     fields = []
     for _ in range(count):
+        data = data[CHECK_RESULTS.match(data).end():]  # type: ignore[union-attr]
         match = RECEIVED.match(data)
         assert match, f"expected a Received field at {data[:120]!r}"
         fields.append(match.group(0))

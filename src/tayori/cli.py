@@ -1,6 +1,7 @@
 """The ``tayori`` command: serve, check-config, queue (list, show, flush, hold, release,
 delete), sendmail (handed to :mod:`tayori.sendmail`, whose flags are sendmail's),
-user and dkim (:mod:`tayori.admin`), config-reference.
+user and dkim (:mod:`tayori.admin`), check-auth (:mod:`tayori.checkauth`),
+config-reference.
 
 Takes: command-line arguments.
 Promises: each subcommand prints its result to stdout and exits 0; a problem the user can
@@ -20,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from tayori import admin
+from tayori import admin, checkauth
 from tayori.config import Config, ConfigError, load
 from tayori.queue import wakeup
 from tayori.queue.spool import Envelope, RecipientRecord, read_envelopes
@@ -95,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     default = commands.add_parser("default-config", help="print the embedded default config")
     default.set_defaults(func=_default_config)
     admin.add_commands(commands, with_config)
+    checkauth.add_command(commands, with_config)
     commands.add_parser("sendmail", add_help=False,
                         help="sendmail-compatible submission: tayori sendmail [-t] [-i] "
                              "[-f sender] [-bs] [recipient ...] (see tayori.sendmail)")

@@ -1,17 +1,9 @@
 """tayori.auth.spf against the openspf RFC 7208 suite and Stalwart's SPF scenarios.
 
 The openspf suite (``../shared/testdata/spf/rfc7208-tests.yml``, 203 tests) runs in
-process, each scenario's ``zonedata`` served by :class:`SuiteResolver`, which follows the
-suite's own conventions (those of pyspf's driver, learnt from, not copied):
-
-* type SPF records are never asked for (RFC 7208 dropped them), but a name with no TXT
-  entry at all gets its SPF entries as TXT records, after its other entries; any TXT
-  entry, even ``TXT: NONE``, turns that off, and ``NONE`` itself is no record;
-* ``TIMEOUT`` in a name's entries answers a question with a timeout
-  (DnsTemporaryError) unless a record of the asked type came before it, in which case
-  the records before it are the answer;
-* a name absent from the zone is NXDOMAIN, a name without the asked type NODATA;
-  CNAME entries are followed (a loop is a temporary error, as a resolver's SERVFAIL).
+process, each scenario's ``zonedata`` served by :class:`spf_suite.SuiteResolver`, which
+follows the suite's own conventions (see :mod:`spf_suite`; the same cases run through a
+running tayori in test_spf_e2e.py).
 
 Each test checks the MAIL FROM identity alone (``check_helo=False``, as the suite's
 driver does) with the default explanation ``DEFAULT``; where the suite lists several
@@ -28,25 +20,29 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 from collections.abc import Coroutine, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-import yaml
 
+from spf_suite import (
+    FIXED_TIME,
+    RECEIVER,
+    SUITE_SIZE,
+    TESTDATA,
+    Entry,
+    SuiteCase,
+    SuiteResolver,
+    dns_name,
+    suite_cases,
+)
 from tayori.auth.spf import SpfOptions, SpfResult, SpfVerdict, check
-from tayori.dns import DnsTemporaryError, MxRecord, NxDomain
+from tayori.dns import DnsTemporaryError
 
 T = TypeVar("T")
-TESTDATA = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "spf"
-SUITE = TESTDATA / "rfc7208-tests.yml"
 STALWART = TESTDATA / "stalwart"
-SUITE_SIZE = 203
-FIXED_TIME = 1_700_000_000.0
-RECEIVER = "mx.receiver.test"
 TEST_TIMEOUT = 10.0
 
 
@@ -54,115 +50,7 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(coroutine, TEST_TIMEOUT))
 
 
-# --- a resolver over the suite's zonedata ----------------------------------------------------
-
-TIMEOUT = "TIMEOUT"
-Entry = tuple[str, object] | str  # (type, value) or "TIMEOUT"
-
-
-def _name(text: str) -> str:
-    return text.lower().removesuffix(".")
-
-
-def _txt_bytes(value: object) -> bytes:
-    """One TXT record: a string, or a list of character-strings joined (RFC 7208 §3.3)."""
-    if isinstance(value, list):
-        return b"".join(_txt_bytes(part) for part in value)
-    return str(value).encode("utf-8")
-
-
-def suite_entries(records: list[Any]) -> list[Entry]:
-    """A name's entries in order, SPF entries copied as TXT when it has no TXT entry."""
-    entries: list[Entry] = []
-    generated: list[Entry] = []
-    has_txt = any(isinstance(item, dict) and "TXT" in item for item in records)
-    for item in records:
-        if item == TIMEOUT:
-            entries.append(TIMEOUT)
-            continue
-        for rtype, value in item.items():
-            if rtype == "SPF" and not has_txt and value != "NONE":
-                generated.append(("TXT", value))
-            if value != "NONE":
-                entries.append((rtype, value))
-    return entries + generated
-
-
-@dataclass
-class SuiteResolver:
-    """A :class:`tayori.dns.Resolver` answering from one scenario's entries."""
-
-    zone: Mapping[str, list[Entry]]
-    queries: list[tuple[str, str]] = field(default_factory=list)
-
-    async def mx(self, domain: str) -> list[MxRecord]:
-        return [MxRecord(int(pref), _name(str(host)))
-                for pref, host in (_pair(value) for value in self._ask(domain, "MX"))]
-
-    async def addresses(self, host: str, family: int) -> list[str]:
-        rtype = "A" if family == socket.AF_INET else "AAAA"
-        return [str(value) for value in self._ask(host, rtype)]
-
-    async def txt(self, name: str) -> list[bytes]:
-        return [_txt_bytes(value) for value in self._ask(name, "TXT")]
-
-    async def ptr(self, address: str) -> list[str]:
-        reverse = ipaddress.ip_address(address).reverse_pointer
-        return [_name(str(value)) for value in self._ask(reverse, "PTR")]
-
-    def _ask(self, name: str, rtype: str, hops: int = 0) -> list[object]:
-        self.queries.append((_name(name), rtype))
-        entries = self.zone.get(_name(name))
-        if entries is None:
-            raise NxDomain(f"{name} does not exist")
-        found: list[object] = []
-        for entry in entries:
-            if entry == TIMEOUT:
-                if not found:
-                    raise DnsTemporaryError(f"DNS lookup of {name} {rtype} timed out")
-                break
-            kind, value = entry
-            if kind == "CNAME" and rtype != "CNAME":
-                if hops >= 8:
-                    raise DnsTemporaryError(f"CNAME chain too long at {name}")
-                return self._ask(str(value), rtype, hops + 1)
-            if kind == rtype:
-                found.append(value)
-        return found
-
-
-def _pair(value: object) -> tuple[int, str]:
-    assert isinstance(value, list) and len(value) == 2, value
-    return int(value[0]), str(value[1])
-
-
 # --- the openspf suite -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SuiteCase:
-    scenario: str
-    name: str
-    helo: str
-    host: str
-    mailfrom: str
-    results: tuple[str, ...]
-    explanation: str | None
-    zone: Mapping[str, list[Entry]]
-
-
-def suite_cases() -> Iterator[SuiteCase]:
-    with SUITE.open("rb") as stream:
-        for scenario in yaml.safe_load_all(stream):
-            zone = {_name(name): suite_entries(records)
-                    for name, records in scenario["zonedata"].items()}
-            for name, test in scenario["tests"].items():
-                result = test["result"]
-                yield SuiteCase(scenario["description"], name, str(test["helo"]),
-                                str(test["host"]), str(test["mailfrom"]),
-                                tuple(result) if isinstance(result, list) else (result,),
-                                test.get("explanation"), zone)
-
 
 SUITE_CASES = list(suite_cases())
 
@@ -244,7 +132,7 @@ def _stalwart_file(path: Path) -> Iterator[StalwartCase]:
 
 def _set(zone: dict[str, dict[str, list[object]]], name: str, rtype: str,
          values: list[object]) -> None:
-    zone.setdefault(_name(name), {})[rtype] = values
+    zone.setdefault(dns_name(name), {})[rtype] = values
 
 
 def _split_list(text: str) -> list[str]:
@@ -269,7 +157,7 @@ _RECORD_LINES = {
     "aaaa": lambda zone, name, text: _set(zone, name, "AAAA", list(_split_list(text))),
     "ptr": lambda zone, address, text: _set(
         zone, ipaddress.ip_address(address).reverse_pointer, "PTR",
-        [_name(host) for host in _split_list(text)]),
+        [dns_name(host) for host in _split_list(text)]),
     "mx": _mx_line,
 }
 
@@ -286,7 +174,7 @@ class StalwartResolver(SuiteResolver):
     """Stalwart's convention: names starting ``_dns_error.`` fail temporarily."""
 
     def _ask(self, name: str, rtype: str, hops: int = 0) -> list[object]:
-        if _name(name).startswith("_dns_error."):
+        if dns_name(name).startswith("_dns_error."):
             raise DnsTemporaryError(f"DNS lookup of {name} {rtype} failed")
         return super()._ask(name, rtype, hops)
 

@@ -326,6 +326,16 @@ class GreylistConfig:
                         "`greylist.sqlite3` in the spool.")
 
 
+def _positive_seconds(value: float) -> float:
+    if value <= 0:
+        raise BadValue("must be longer than 0")
+    return value
+
+
+POSITIVE_DURATION = checked(DURATION, "duration", 'a duration longer than 0, e.g. "20s"',
+                            _positive_seconds)
+
+
 @dataclass(frozen=True, slots=True)
 class SpfConfig:
     check: bool = setting(True, BOOL, "Check SPF (RFC 7208) for untrusted, not logged-in "
@@ -340,8 +350,8 @@ class SpfConfig:
                                 "(550 5.7.24) or tag.")
     on_temperror: str = setting("defer", enum("defer", "tag"), "DNS trouble: defer (451 "
                                 "4.7.24) or tag.")
-    timeout: float = setting(20.0, DURATION, "The whole evaluation's time limit; then "
-                             "`temperror`.", shown_default='"20s"')
+    timeout: float = setting(20.0, POSITIVE_DURATION, "The whole evaluation's time limit; "
+                             "then `temperror`.", shown_default='"20s"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +389,10 @@ class DkimKeyConfig:
 @dataclass(frozen=True, slots=True)
 class DmarcConfig:
     check: bool = setting(True, BOOL, "Evaluate DMARC (RFC 7489, RFC 9091) for mail from "
-                          "untrusted, not logged-in clients.")
+                          "untrusted, not logged-in clients. DNS trouble (or a fail that an "
+                          "aligned SPF or DKIM check with DNS trouble might have turned into "
+                          "a pass) defers the message (451 4.7.0), unless `on_reject` and "
+                          "`on_quarantine` are both `tag`.")
     on_reject: str = setting("reject", enum("reject", "quarantine", "tag"), "A failing "
                              "message whose domain asks for `p=reject`: refuse it (550 5.7.1), "
                              "treat it as `quarantine`, or only tag it.")
@@ -388,8 +401,9 @@ class DmarcConfig:
                                  "folder rules), hold the message in the queue for the "
                                  "operator, or only tag it.")
     psd: bool = setting(False, BOOL, "Also look for a policy at the public suffix (RFC 9091).")
-    reports: bool = setting(False, BOOL, "Record aggregate report data and send the gzip'd "
-                            "reports (RFC 7489 §7.2) to each domain's `rua`.")
+    reports: bool = setting(False, BOOL, "Record aggregate report data (in "
+                            "`dmarc-reports.sqlite3` in the spool) and send the gzip'd reports "
+                            "(RFC 7489 §7.2) to each domain's `rua`.")
     report_org: str = setting("", STRING, "The organisation named in reports. Empty: the "
                               "host name.")
     report_from: str = setting("", STRING, "The sender address of reports. Empty: "

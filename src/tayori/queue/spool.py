@@ -10,6 +10,11 @@ Promises (DESIGN §2.1, §2.2, §5):
 - A draft stays in memory up to 256 KiB and is streamed to ``incoming/`` beyond that, so
   a small message costs one hand-off to an I/O thread (create, write, fsync, rename) and
   memory per session stays bounded.
+- Before commit, :meth:`Spool.read_draft` reads a draft back and
+  :meth:`Spool.rewrite_header` replaces its first bytes (the receiving checks prepend
+  Authentication-Results and drop forged fields): a splice in memory, or on disk a new
+  file (the new header, the rest copied by the kernel) renamed over the old, on an I/O
+  thread; on failure the draft is as it was.
 - Commits from concurrent sessions are grouped: the body fsyncs run in parallel on the
   I/O threads, then one committer thread fsyncs the directory once for the batch and
   writes the batch in one SQLite transaction (group commit).
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import io
 import os
@@ -175,15 +181,45 @@ class Draft:
         self._file.write(self._memory)
         self._memory = bytearray()
 
+    @property
+    def spilled(self) -> bool:
+        """True once the content lives in ``incoming/`` (reading or rewriting it is disk
+        I/O, for an executor thread); False while it is all in memory."""
+        return self._file is not None
+
+    def read(self, offset: int = 0) -> bytes:
+        """The content written so far, from ``offset``. Raises OSError."""
+        if self._file is None:
+            return bytes(memoryview(self._memory)[offset:])
+        self._file.flush()
+        with open(self.path, "rb") as stream:
+            stream.seek(offset)
+            return stream.read()
+
+    def rewrite_header(self, header: bytes, old_length: int) -> None:
+        """Replace the first ``old_length`` bytes of the content with ``header``.
+
+        In memory, a splice. On disk, a new file: ``header``, then the rest copied by the
+        kernel (copy_file_range), renamed over the draft's file; the draft writes on into
+        the new file and :meth:`persist` fsyncs it (the rename needs no fsync of its own:
+        nothing in ``incoming/`` outlives a crash). Raises OSError with the draft's
+        content unchanged (the caller then discards it and answers ``452``).
+        """
+        if self.error is not None:
+            raise self.error
+        if self._file is None:
+            self._memory[:old_length] = header
+        else:
+            self._file = _rewritten(self._file, self.path, header, old_length)
+        self.size += len(header) - old_length
+
     def persist(self) -> None:
         """Write out, fsync, close and rename into ``messages/`` (on an executor thread:
         one hand-off per message, and the fsyncs of concurrent sessions overlap)."""
         if self._file is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(self._memory)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, self._memory)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -205,6 +241,57 @@ class Draft:
         for path in (self.path, self.final_path) if self._linked else (self.path,):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+def _rewritten(old: io.BufferedWriter[io.FileIO], path: str, header: bytes,
+               skip: int) -> io.BufferedWriter[io.FileIO]:
+    """``path`` replaced by ``header`` + its content after ``skip`` bytes; the new file,
+    open for writing at its end. The old one is closed only once the new one is in place."""
+    old.flush()
+    temporary = path + ".rewrite"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        _write_all(fd, header)
+        source = os.open(path, os.O_RDONLY)
+        try:
+            _copy_rest(source, fd, skip)
+        finally:
+            os.close(source)
+        os.replace(temporary, path)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    with contextlib.suppress(OSError):
+        old.close()
+    return io.BufferedWriter(io.FileIO(fd, "wb"), buffer_size=SPILL_SIZE)
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _copy_rest(source: int, target: int, offset: int) -> None:
+    """Append ``source`` from ``offset`` to its end to ``target`` (at its file position),
+    in the kernel: copy_file_range, or sendfile where the filesystem refuses that."""
+    size = os.fstat(source).st_size
+    try:
+        while offset < size:
+            copied = os.copy_file_range(source, target, size - offset, offset)
+            if copied == 0:
+                return
+            offset += copied
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        while offset < size:
+            sent = os.sendfile(target, source, offset, size - offset)
+            if sent == 0:
+                return
+            offset += sent
 
 
 class SpoolBusy(OSError):
@@ -320,6 +407,20 @@ class Spool:
         memory (``incoming/<id>``, exclusively) or at commit; OSError shows there."""
         return Draft(queue_id, os.path.join(self.incoming, queue_id),
                      os.path.join(self.messages, queue_id))
+
+    async def read_draft(self, draft: Draft, offset: int = 0) -> bytes:
+        """:meth:`Draft.read`, on an I/O thread when the draft is on disk."""
+        if not draft.spilled:
+            return draft.read(offset)
+        return await asyncio.get_running_loop().run_in_executor(self._io, draft.read, offset)
+
+    async def rewrite_header(self, draft: Draft, header: bytes, old_length: int) -> None:
+        """:meth:`Draft.rewrite_header`, on an I/O thread when the draft is on disk."""
+        if not draft.spilled:
+            draft.rewrite_header(header, old_length)
+            return
+        await asyncio.get_running_loop().run_in_executor(
+            self._io, draft.rewrite_header, header, old_length)
 
     async def commit(self, draft: Draft, envelope: Envelope) -> None:
         """Make the message durable; returns only when it is. Raises OSError/sqlite3.Error

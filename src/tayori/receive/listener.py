@@ -10,6 +10,8 @@ closed; :meth:`Receiver.drain` stops accepting, lets sessions finish for
 swaps in a new config for new sessions (SIGHUP) while running sessions keep theirs.
 Failure policy: a TLS file that cannot be loaded stops start-up (TlsSetupError); on
 reload the old contexts stay.
+Per worker, the sessions share the screening and the sender-authentication stage
+(:class:`~tayori.auth.inbound.Inbound`), whose resolvers are made in the worker.
 A listener that offers AUTH refuses a client banned for password guessing with ``421
 4.7.0`` at connect (:mod:`tayori.policy.authentication`).
 Config keys: ``listen``, ``certificate``, ``auth``, ``limits.max_connections``,
@@ -27,6 +29,7 @@ import ssl
 from dataclasses import dataclass
 
 from tayori import maillog
+from tayori.auth.inbound import Inbound
 from tayori.config import Config, ListenConfig
 from tayori.config.model import AUTH_MODES
 from tayori.errors import Reply
@@ -65,6 +68,7 @@ class Receiver:
         self.local = LocalRecipients(config)
         self.authenticator = Authenticator(config.auth, config.spool)
         self.screening = Screening(config)
+        self.inbound = Inbound(config)
         self.connections = connections or ConnectionTable(1)
         self._tls: dict[str, tls.CertificateChoice] = {}
         self._sockets: list[tuple[Listener, socket.socket]] = []
@@ -135,6 +139,7 @@ class Receiver:
         self.local = LocalRecipients(config)
         self.authenticator.update(config.auth)
         self.screening.update(config)
+        self.inbound.update(config)
         self.config = config
         bound = {(lis.host, lis.port) for lis, _ in self._sockets}
         wanted = {item.address for item in config.listen}

@@ -13,6 +13,11 @@ must exist when its action has local tables (else ``550 5.1.1``,
 Screening (:mod:`tayori.policy.screening`): blocklists at connect, HELO syntax, rate
 limits and reverse DNS at MAIL, rate limits and greylisting at RCPT; at most
 ``limits.max_messages_per_connection`` messages, then ``421``.
+Sender authentication (:mod:`tayori.auth.inbound`), for screened clients only: SPF at
+MAIL (a refusal there, by ``[spf]`` policy), DKIM, ARC and DMARC at the end of the data
+(``550 5.7.1`` for DMARC p=reject; the draft's header block rewritten with
+Authentication-Results and Received-SPF before the commit, forged Authentication-Results
+removed; DMARC quarantine may queue the message ``held``).
 AUTH (where the listener offers it) is answered by
 :class:`~tayori.policy.authentication.Authenticator`: a login makes the client
 ``authenticated`` for the match rules, its MAIL FROM must be one of its own addresses
@@ -37,6 +42,7 @@ from typing import TYPE_CHECKING, cast
 
 from tayori import maillog
 from tayori.address import AddressError, Mailbox, parse_mailbox
+from tayori.auth.inbound import NOT_CHECKED, Action
 from tayori.errors import INTERNAL_ERROR, Reply
 from tayori.policy.screening import Client
 from tayori.queue.spool import Draft, Envelope, RecipientRecord, new_queue_id
@@ -98,6 +104,9 @@ class Session(asyncio.Protocol):
         self._draft: Draft | None = None
         self._headers: HeaderScanner | None = None
         self._queue_id: str | None = None
+        self._trace = b""
+        self._spf = NOT_CHECKED
+        self._held = False
         self._messages = 0
         self._idle_timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
@@ -316,6 +325,10 @@ class Session(asyncio.Protocol):
         self._actions = []
         sender = str(event.sender) if event.sender else "<>"
         refusal = await self._sender_refusal(event)
+        if refusal is None:   # SPF (tayori.auth.inbound), for screened clients
+            self._spf = await self.receiver.inbound.at_mail(
+                self.client, self.engine.helo or "", str(event.sender or ""))
+            refusal = self._spf.refusal
         if refusal is not None:
             self._refused("MAIL", refusal, sender=sender, login=self.engine.authenticated)
             self.engine.reply(refusal)
@@ -387,7 +400,8 @@ class Session(asyncio.Protocol):
         self._headers = HeaderScanner()
         try:
             self._draft = draft = self.receiver.spool.new_draft(queue_id)
-            draft.write(self._trace_header(queue_id))
+            self._trace = self._trace_header(queue_id)
+            draft.write(self._trace)
         except OSError as exc:
             self._storage_failed(exc)
             self._discard_draft()
@@ -412,7 +426,7 @@ class Session(asyncio.Protocol):
         self.engine.accept()
 
     async def _on_message_end(self, event: MessageEnd) -> None:
-        reply = event.error or self._content_refusal()
+        reply = event.error or self._content_refusal() or await self._check_sender()
         if reply is not None:
             self._discard_draft()
             self._refused("DATA", reply, queue_id=self._queue_id)
@@ -485,6 +499,27 @@ class Session(asyncio.Protocol):
                 return TOO_MANY_HOPS
         return None
 
+    async def _check_sender(self) -> Reply | None:
+        """SPF, DKIM, DMARC, ARC (:mod:`tayori.auth.inbound`) on a screened client's
+        message: a refusal, or its header block rewritten (Authentication-Results) and
+        maybe held."""
+        inbound, spool, draft = self.receiver.inbound, self.receiver.spool, self._draft
+        transaction = self.engine.transaction
+        if draft is None or transaction is None or not inbound.checks(self.client):
+            return None
+        try:
+            message = await spool.read_draft(draft, len(self._trace))
+            verdict = await inbound.at_end(
+                self.client, self._spf, message, trace=self._trace, queue_id=draft.queue_id,
+                recipients=[str(r.mailbox) for r in transaction.recipients])
+            if verdict.rewrite is not None:
+                await spool.rewrite_header(draft, *verdict.rewrite)
+        except OSError as exc:
+            self._storage_failed(exc)
+            return STORAGE_FULL
+        self._held = verdict.action is Action.HOLD
+        return verdict.reply
+
     def _trace_header(self, queue_id: str) -> bytes:
         transaction = self.engine.transaction
         assert transaction is not None
@@ -506,17 +541,18 @@ class Session(asyncio.Protocol):
         assert draft is not None and transaction is not None
         self._draft = None
         headers = self._headers
+        state, self._held = "held" if self._held else "queued", False
         envelope = Envelope(
             queue_id=draft.queue_id,
             sender=str(transaction.sender) if transaction.sender else "",
             recipients=tuple(
-                RecipientRecord(str(r.mailbox), action, r.params.orcpt, r.params.notify)
+                RecipientRecord(str(r.mailbox), action, r.params.orcpt, r.params.notify, state)
                 for r, action in zip(transaction.recipients, self._actions, strict=True)),
             size=draft.size, client_address=self.client_ip, client_name="",
             helo=self.engine.helo or "", protocol=self._protocol(), received_at=time.time(),
             body_type=transaction.params.body, smtputf8=transaction.params.smtputf8,
             ret=transaction.params.ret, envid=transaction.params.envid,
-            message_id=headers.message_id if headers else None)
+            message_id=headers.message_id if headers else None, state=state)
         self._flush()  # pipelined replies before the (short) wait for the disk
         try:
             await self.receiver.spool.commit(draft, envelope)
@@ -527,7 +563,8 @@ class Session(asyncio.Protocol):
         self._messages += 1
         maillog.event("queued", session=self.id, queue_id=draft.queue_id,
                       sender=envelope.sender or "<>", size=envelope.size,
-                      recipients=len(envelope.recipients), message_id=envelope.message_id)
+                      recipients=len(envelope.recipients), message_id=envelope.message_id,
+                      held=state == "held" or None)
         self.engine.reply(Reply(250, "2.0.0", f"Ok: queued as {draft.queue_id}"))
 
     def _discard_draft(self) -> None:
