@@ -93,6 +93,14 @@ def which_peer(name: str) -> str:
     raise AssertionError  # unreachable
 
 
+OFFLINE_DNS = {"nameservers": ["127.0.0.1:9"], "timeout": "1s"}
+"""A test that names no DNS gets none: nothing leaves the machine (the system's resolver
+is not on loopback), and a lookup fails at once."""
+NO_SENDER_CHECKS = ("[spf]\ncheck = false\n[dkim]\nverify = false\n[dmarc]\ncheck = false\n"
+                    "[arc]\nverify = false\n")
+"""...and checks no sender's SPF, DKIM, DMARC or ARC (they need DNS)."""
+
+
 @dataclass
 class Tayori:
     """A ``tayori serve`` process with its own config, spool and log under ``root``."""
@@ -141,7 +149,8 @@ class Tayori:
             toml_table("[limits]", {"drain_timeout": 5, **self.limits}),
             toml_table("[smtp]", self.smtp),
             toml_table("[queue]", {"suspended": not self.deliver, **self.queue}),
-            toml_table("[dns]", self.dns),
+            toml_table("[dns]", self.dns or OFFLINE_DNS),
+            "" if self.dns else NO_SENDER_CHECKS,
             toml_table("[tables]", {"local_domains": self.local_domains,
                                     "trusted_networks": self.trusted, **self.tables}),
             toml_table("[actions.local]", {"deliver": "maildir", "path": "mail/{domain}/{user}/",

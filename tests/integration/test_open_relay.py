@@ -12,8 +12,10 @@ mailbox under the local domain. Clients on other networks are played through a P
 protocol listener, whose header sets the address tayori judges; everything stays on
 loopback.
 
-Tests marked ``xfail(strict=True)`` show holes whose fix lies outside the relay rules (the
-reason names where); once fixed they fail as XPASS, and the marker goes.
+Routed local parts (``user%host@``, ``host!user@``, ``"user@host"@``) at our own domains
+are refused at RCPT (``554 5.7.1``, after the users table has had its say), and a
+success notice carries the headers only, so a stranger cannot have tayori mail his text
+to anyone.
 """
 
 from __future__ import annotations
@@ -251,10 +253,6 @@ def test_routed_local_parts_are_refused_or_stay_local(guarded: Tayori) -> None:
         assert_refused_or_kept_local(guarded, recipient, reply, queue_id)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hole outside the relay rules: an action that takes every local part accepts "
-    "user%other@ours, other!user@ours and \"user@other\"@ours (for local delivery only); "
-    "tayori.receive.session._on_rcpt must refuse relay.sender_routed(recipient.local)"))
 def test_routed_local_parts_are_refused_at_rcpt(open_house: Tayori) -> None:
     routed = [fill(r) for r, answer_ in NMAP_ANSWERS.items() if answer_ == ROUTED]
     answers = {r: attempt(open_house, f"{FROM}@{FOREIGN}", r)[0].code
@@ -470,10 +468,6 @@ def test_a_relay_domain_takes_its_own_recipients(make_tayori: MakeTayori) -> Non
     assert answer(attempt(tayori, f"{FROM}@{FOREIGN}", f"{TO}@{FOREIGN}")[0]) == RELAY_DENIED
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hole outside the relay rules: user%victim.example@internal.test is passed on to the "
-    "inner host, which may honour the percent hack (sendmail does); "
-    "tayori.receive.session._on_rcpt must refuse relay.sender_routed(recipient.local)"))
 def test_sender_routing_through_a_relay_domain_is_refused(make_tayori: MakeTayori) -> None:
     tayori = gateway(make_tayori)
     for recipient in (f"{TO}%{FOREIGN}@internal.test", f"{FOREIGN}!{TO}@internal.test",
@@ -485,11 +479,6 @@ def test_sender_routing_through_a_relay_domain_is_refused(make_tayori: MakeTayor
 # --- delivery status notices ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hole outside the relay rules: a success notice (NOTIFY=SUCCESS, RET=FULL) returns the "
-    "whole message to any sender address, so a stranger relays his text through it; "
-    "success DSNs must carry the headers only (tayori.queue.manager._queue_dsn, as "
-    "Postfix's bounce_trace_service does)"))
 def test_a_success_notice_carries_no_strangers_message(make_tayori: MakeTayori) -> None:
     tayori = make_tayori(trusted=UNTRUSTED, local_domains=LOCAL_DOMAINS, deliver=True,
                          remote={"deliver": "relay", "host": f"[{IP}]:{free_port()}"})

@@ -535,7 +535,7 @@ class QueueManager:
         report = bounce.Report(
             reporting_mta=self.config.hostname, queue_id=message.queue_id, sender=recipient,
             arrival=message.received_at, recipients=reports, envid=message.envid,
-            ret=message.ret, smtputf8=message.smtputf8,
+            ret=_returned_content(message.ret, reports), smtputf8=message.smtputf8,
             received_from=f"[{message.client_address}] HELO {message.helo}")
         path = os.path.join(self.spool.messages, message.queue_id)
         content = await asyncio.get_running_loop().run_in_executor(
@@ -546,6 +546,16 @@ class QueueManager:
                                hostname=self.config.hostname, protocol="dsn", now=now,
                                smtputf8=message.smtputf8)
         return dsn_id
+
+
+def _returned_content(ret: str | None, reports: tuple[bounce.RecipientReport, ...]
+                      ) -> str | None:
+    """RET for the DSN: a report of successes only carries the headers, whatever the
+    sender asked (as Postfix does): else anyone could have tayori mail a whole message
+    of theirs to any address, by naming it as the sender and asking for NOTIFY=SUCCESS."""
+    if all(r.action in ("delivered", "relayed", "expanded") for r in reports):
+        return "HDRS"
+    return ret
 
 
 def _compose(report: bounce.Report, path: str, now: float, message_id: str,

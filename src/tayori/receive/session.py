@@ -44,6 +44,7 @@ from tayori import maillog
 from tayori.address import AddressError, Mailbox, parse_mailbox
 from tayori.auth.inbound import NOT_CHECKED, Action
 from tayori.errors import INTERNAL_ERROR, Reply
+from tayori.policy.relay import sender_routed
 from tayori.policy.screening import Client
 from tayori.queue.spool import Draft, Envelope, RecipientRecord, new_queue_id
 from tayori.receive import proxy
@@ -74,6 +75,7 @@ LINGER_SECONDS = 2.0
 PROXY_TIMEOUT = 10.0
 STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+ROUTING_DENIED = Reply(554, "5.7.1", "Relay access denied: sender-specified routing")
 UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
 MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full, try again later")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many Received headers: mail loop?")
@@ -368,32 +370,35 @@ class Session(asyncio.Protocol):
         domain = recipient.ascii_domain or self.config.hostname  # <Postmaster>: this host
         action = self.receiver.rules.route(self.client_ip, self.engine.authenticated is not None,
                                            domain)
-        if action is None:
-            self._refused("RCPT", RELAY_DENIED, recipient=str(recipient))
-            self.engine.reply(RELAY_DENIED)
-            return
         address = f"{recipient.local}@{domain}"
-        if not self.receiver.local.known(action, address):
-            self._refused("RCPT", UNKNOWN_USER, recipient=str(recipient))
-            self.engine.reply(UNKNOWN_USER)
-            return
-        if self.receiver.local.has_quota(action) and await asyncio.get_running_loop(
-                ).run_in_executor(None, self.receiver.local.over_quota, action, address):
-            self._refused("RCPT", MAILBOX_FULL, recipient=str(recipient))
-            self.engine.reply(MAILBOX_FULL)
-            return
-        transaction = self.engine.transaction
-        sender = transaction.sender if transaction else None
-        refusal = await self.receiver.screening.rcpt(
-            self.client, self._sender_key(sender), str(sender) if sender else "", address)
+        refusal = await self._recipient_refusal(action, recipient.local, address)
         if refusal is not None:
             self._refused("RCPT", refusal, recipient=str(recipient))
             self.engine.reply(refusal)
             return
+        assert action is not None   # no rule took it: RELAY_DENIED above
         self._actions.append(action)
         maillog.event("rcpt", session=self.id, recipient=str(recipient), action=action,
                       notify=",".join(event.params.notify) if event.params.notify else None)
         self.engine.accept()
+
+    async def _recipient_refusal(self, action: str | None, local: str, address: str
+                                 ) -> Reply | None:
+        """RCPT's checks: a match rule takes the recipient (``action``), it exists, its
+        local part names no other destination, it has room, and screening agrees."""
+        if action is None:
+            return RELAY_DENIED
+        if not self.receiver.local.known(action, address):
+            return UNKNOWN_USER
+        if sender_routed(local):   # user%host, host!user, "user@host": never passed on
+            return ROUTING_DENIED
+        if self.receiver.local.has_quota(action) and await asyncio.get_running_loop(
+                ).run_in_executor(None, self.receiver.local.over_quota, action, address):
+            return MAILBOX_FULL
+        transaction = self.engine.transaction
+        sender = transaction.sender if transaction else None
+        return await self.receiver.screening.rcpt(
+            self.client, self._sender_key(sender), str(sender) if sender else "", address)
 
     async def _on_message_begin(self, event: MessageBegin) -> None:
         self._queue_id = queue_id = new_queue_id()
