@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tayori.auth.dkim_keys import keygen
 from tayori.config import ConfigError, default_text, load
 from tayori.config.schema import DURATION, SIZE, BadValue
 
@@ -358,3 +359,21 @@ def test_local_tables_are_checked_at_start(tmp_path: Path) -> None:
                     '[actions.local]\ndeliver = "maildir"\npath = "/m/{user}"\n'
                     'aliases = "list"\n')
     assert error.key == "actions.local.aliases"
+
+
+def test_dkim_keys_are_read_when_the_config_is(tmp_path: Path) -> None:
+    entry = '[[dkim_key]]\ndomain = "example.org"\nselector = "s1"\nkey_file = "s1.pem"\n'
+    error = refused(tmp_path, LISTEN + entry)
+    assert error.key == "dkim_key[0].key_file" and "cannot read" in str(error)
+    (tmp_path / "s1.pem").write_text("not a key")
+    assert refused(tmp_path, LISTEN + entry).key == "dkim_key[0].key_file"
+    pem, _ = keygen("ed25519")
+    (tmp_path / "s1.pem").write_bytes(pem)
+    config = load(write(tmp_path, LISTEN + entry))
+    assert config.dkim_keys[0].key_file == str(tmp_path / "s1.pem")
+
+
+def test_arc_sealing_names_a_dkim_key(tmp_path: Path) -> None:
+    error = refused(tmp_path, LISTEN + '[arc]\nseal = true\nseal_domain = "example.org"\n'
+                                       'seal_selector = "arc"\n')
+    assert error.key == "arc.seal_domain"

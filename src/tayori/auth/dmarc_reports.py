@@ -30,7 +30,8 @@ loop through ``asyncio.to_thread``. Writes use WAL with synchronous=NORMAL: a po
 may lose the last counts, which reports tolerate. :func:`authorized_destinations` lets
 DnsTemporaryError through, so the periodic job retries later (§7.1 step 4).
 Config keys (read by the caller): ``dmarc.report_org``, ``dmarc.report_from``,
-``dmarc.report_interval``, ``dmarc.report_db``; the receiver name is ``hostname``.
+``dmarc.report_interval``; the store is ``<spool>/dmarc-reports.sqlite3``; the receiver
+name is ``hostname``.
 Standards: RFC 7489 §7.1 (external destinations), §7.2 and Appendix C (aggregate
 reports, XML schema), §7.2.1.1 (file name, Subject); RFC 6713 (application/gzip);
 RFC 5322 / RFC 2045-2046 (the report message).

@@ -57,7 +57,26 @@ def load(path: str | None) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(path, "", "the file is not UTF-8", "UTF-8 text") from None
     base = os.path.dirname(os.path.abspath(path))
-    return _resolved(_parse(text, path, base), base)
+    return _checked_keys(_resolved(_parse(text, path, base), base))
+
+
+def _checked_keys(config: Config) -> Config:
+    """Every ``[[dkim_key]]`` is a key tayori can sign with (read now, at start and on
+    ``check-config``, rather than found unusable at the first delivery)."""
+    from tayori.auth.dkim_keys import load_signing_key
+
+    for index, entry in enumerate(config.dkim_keys):
+        key = f"dkim_key[{index}].key_file"
+        try:
+            load_signing_key(entry.key_file, entry.domain, entry.selector)
+        except OSError as exc:
+            raise ConfigError(config.file, key, f"cannot read {entry.key_file}: "
+                              f"{exc.strerror}", "a PEM private key readable by tayori's "
+                              "user (tayori dkim keygen makes one)") from None
+        except ValueError as exc:
+            raise ConfigError(config.file, key, str(exc), "an unencrypted RSA (1024 to "
+                              "8192 bits) or Ed25519 private key") from None
+    return config
 
 
 def _parse(text: str, file: str, base: str) -> Config:

@@ -382,8 +382,10 @@ class DkimKeyConfig:
                            "signed.")
     selector: str = required(STRING, "The selector (s=): the key is published at "
                              "`SELECTOR._domainkey.DOMAIN`.")
-    key_file: str = required(PATH, "The private key (PEM; `tayori dkim keygen` writes one). "
-                             "Two keys for one domain (RSA and Ed25519): both sign.")
+    key_file: str = required(PATH, "The private key (PEM; `tayori dkim keygen` writes one), "
+                             "readable by tayori's `user`: it is read after privileges "
+                             "are dropped. Two keys for one domain (RSA and Ed25519): both "
+                             "sign.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,8 +410,9 @@ class DmarcConfig:
                               "host name.")
     report_from: str = setting("", STRING, "The sender address of reports. Empty: "
                                "`postmaster@` the host name.")
-    report_interval: float = setting(86400.0, DURATION, "How often reports are sent.",
-                                     shown_default='"1d"')
+    report_interval: float = setting(86400.0, DURATION, "How often reports are sent, in "
+                                     "whole hours (rounded down; periods are aligned to "
+                                     "UTC).", shown_default='"1d"')
 
 
 @dataclass(frozen=True, slots=True)
