@@ -132,6 +132,7 @@ def test_bare_lf_ending_a_command_closes(server: Tayori) -> None:
     ("<a@example.net> RET=FULL RET=HDRS", 501, "5.5.4"),
     ("<a@example.net> RET=FULL RET=FULL", 250, "2.1.0"),
     ("<a@example.net> ENVID=bad=value", 501, "5.5.4"),
+    ("<a@example.net> ENVID=x+0D+0ABcc:+20victim@example.com", 501, "5.5.4"),   # RFC 3461 §4.2
     ("<ü@example.net>", 553, "5.6.7"),
     ("<ü@例え.jp> SMTPUTF8", 250, "2.1.0"),
 ])
@@ -147,6 +148,11 @@ def test_mail_from_syntax(server: Tayori, argument: str, code: int, status: str)
     ("<u@tayori.test> NOTIFY=NEVER,SUCCESS", 501, "5.5.4"),
     ("<u@tayori.test> ORCPT=u@tayori.test", 501, "5.5.4"),
     ("<u@tayori.test> ORCPT=utf-8;u@tayori.test", 501, "5.5.4"),
+    ("<u@tayori.test> ORCPT=rfc822;x+0D+0AAuthentication-Results:+20mx.tayori.test;+20dkim=pass",
+     501, "5.5.4"),                                    # a decoded line break: header forgery
+    ("<u@tayori.test> ORCPT=rfc822;u+00@tayori.test", 501, "5.5.4"),
+    ("<u@tayori.test> ORCPT=rfc822;u+20x@tayori.test", 250, "2.1.5"),
+    ('<"|/bin/sh"@tayori.test>', 550, "5.1.3"),         # a delivery instruction (test_open_relay)
     ("<>", 501, "5.1.3"),
     ("<u@TAYORI.test>", 250, "2.1.5"),
 ])

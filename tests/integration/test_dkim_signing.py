@@ -307,6 +307,22 @@ def test_logged_in_client_mail_is_signed(relay: Relay, peers: Peers, keys: Keys)
     assert f"dkim-signed queue_id={queue_id}" in relay.tayori.log()
 
 
+def test_a_login_gets_no_signature_for_a_domain_it_does_not_own(relay: Relay) -> None:
+    """alice@sender.test may not write From: partner.test (which tayori holds keys for):
+    refused at the end of the data, so nothing is queued, nothing signed."""
+    login = base64.b64encode(f"\0alice@sender.test\0{PASSWORD}".encode()).decode()
+    message = MESSAGE.replace(b"alice@sender.test", b"ceo@partner.test")
+    with Client("127.0.0.1", relay.submission_port) as client:
+        client.greeting_and_ehlo()
+        client.expect_cmd(f"AUTH PLAIN {login}", 235)
+        client.expect_cmd("MAIL FROM:<alice@sender.test>", 250)
+        client.expect_cmd("RCPT TO:<eve@dest.test>", 250)
+        client.expect_cmd("DATA", 354)
+        client.send(dot_stuff(message) + b".\r\n")
+        refused = client.reply()
+    assert (refused.code, refused.status) == (553, "5.7.1"), str(refused)
+
+
 # --- ARC -----------------------------------------------------------------------------------------
 
 def test_untrusted_mail_to_an_alias_is_sealed_not_signed(relay: Relay, peers: Peers,

@@ -34,6 +34,7 @@ from tayori.auth.results import (
     parse,
     spf_result,
 )
+from tayori.receive.trace import MAX_HEADER_SCAN
 from tayori.testing.dnsstub import DnsStub
 
 AUTHSERV_ID = "mx.tayori.test"   # the harness's hostname, and so the authserv-id
@@ -259,14 +260,33 @@ def test_dmarc_report_data_is_recorded(tayori: Tayori) -> None:
     assert any('"source_ip":"192.0.2.10"' in row for _, row, _ in rows)
 
 
-def test_trusted_clients_are_not_checked(tayori: Tayori, dns: DnsStub) -> None:
+FORGED = b"Authentication-Results: mx.tayori.test; dkim=pass header.d=sender.test\r\n"
+ELSEWHERE = b"Authentication-Results: elsewhere.example; spf=pass\r\n"
+
+
+def test_trusted_clients_are_not_checked_but_lose_forgeries(tayori: Tayori,
+                                                             dns: DnsStub) -> None:
+    """A trusted host's mail is not checked and gets no results of ours, but a field
+    claiming our authserv-id is removed all the same (RFC 8601 §5): local users would
+    read it as our verdict, and an ARC seal would carry it on."""
     asked = dns.count("fail.test", "TXT")
-    data = message("sender.test", "trusted",
-                   head=b"Authentication-Results: mx.tayori.test; spf=pass\r\n")
-    stored = send(tayori, TRUSTED, "someone@fail.test", data)
+    clean = message("sender.test", "trusted", head=ELSEWHERE)
+    stored = send(tayori, TRUSTED, "someone@fail.test", FORGED + clean)
     assert top_fields(stored) == []
-    assert strip_received(stored) == data   # not even an inside forgery is touched
+    assert strip_received(stored) == clean
     assert dns.count("fail.test", "TXT") == asked
+    assert "forged=1" in tayori.log()
+    untouched = message("sender.test", "trusted-clean", head=ELSEWHERE)
+    assert strip_received(send(tayori, TRUSTED, "someone@fail.test", untouched)) == untouched
+
+
+def test_forgeries_go_from_a_header_longer_than_the_scanner_keeps(tayori: Tayori) -> None:
+    """Beyond MAX_HEADER_SCAN the session reads the draft itself for the header."""
+    padding = b"".join(b"X-Pad-%05d: %s\r\n" % (n, b"p" * 200) for n in range(1500))
+    assert len(padding) > MAX_HEADER_SCAN
+    clean = padding + message("sender.test", "long-header")
+    stored = send(tayori, TRUSTED, "someone@sender.test", padding + FORGED + clean[len(padding):])
+    assert strip_received(stored) == clean
 
 
 def test_quarantine_can_hold_the_message(dns: DnsStub, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ import json
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -289,6 +290,43 @@ def test_tls_helo_and_our_own_names_grant_nothing(open_house: Tayori) -> None:
                 assert answer(client.cmd(f"RCPT TO:<{TO}@{FOREIGN}>")) == RELAY_DENIED
 
 
+# --- delivery instructions as recipients ------------------------------------------------------
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A new directory with a path short enough for a local part (64 octets at most)."""
+    path = Path(tempfile.mkdtemp(prefix="ty"))
+    yield path
+    shutil.rmtree(path)
+
+
+def test_delivery_instructions_are_refused_at_rcpt(make_tayori: MakeTayori,
+                                                   short_dir: Path) -> None:
+    """``|command``, ``/file`` and ``\\mailbox`` mean something to local delivery only
+    when an alias or a ``.forward`` writes them. From a client, quoted or not, to a
+    local domain or relayed by a trusted one (127.0.0.1 is trusted here), they are bad
+    recipient syntax; nothing is queued for them and nothing is run or written."""
+    tayori = make_tayori(deliver=True)
+    recipients = ["/tmp/x@tayori.test", "|/bin/sh@tayori.test", '"\\\\root"@tayori.test',
+                  f"{short_dir}/file@tayori.test", f'"{short_dir}/quoted"@tayori.test',
+                  f'"|touch {short_dir}/piped"@tayori.test', f'"\\{short_dir}/pair"@tayori.test',
+                  f'" {short_dir}/blank"@tayori.test', "|cmd@far.test", "/x@far.test"]
+    with tayori.client() as client:
+        client.greeting_and_ehlo()
+        client.expect_cmd("MAIL FROM:</x@localhost>", 250)   # an ordinary sender address
+        for recipient in recipients:
+            assert answer(client.cmd(f"RCPT TO:<{recipient}>")) == (550, "5.1.3"), recipient
+        client.expect_cmd("RCPT TO:<u@tayori.test>", 250)
+        client.expect_cmd("DATA", 354)
+        client.send(MESSAGE + b".\r\n")
+        queue_id = queued_id(client.expect(250))
+    wait_for(lambda: f"delivered queue_id={queue_id}" in tayori.log(), what="the delivery")
+    wait_for(lambda: not tayori.envelopes(), what="the queue to empty")
+    assert list(short_dir.iterdir()) == []
+    assert not any(p.name in ("x@tayori.test", "root") for p in tayori.root.rglob("*"))
+
+
 # --- local domains: their spellings, address literals -----------------------------------------
 
 
@@ -417,8 +455,9 @@ def test_authenticated_rule_relays_only_after_a_login(make_tayori: MakeTayori,
         client.expect_cmd(f"AUTH PLAIN {plain(f'alice@{LOCAL}', PASSWORD)}", 235)
         client.expect_cmd(f"MAIL FROM:<alice@{LOCAL}>", 250)
         client.expect_cmd(f"RCPT TO:<{TO}@{FOREIGN}>", 250)
-        client.expect_cmd("DATA", 354)
-        client.send(MESSAGE + b".\r\n")
+        client.expect_cmd("DATA", 354)   # her own From (auth.sender_policy = "owned")
+        client.send(MESSAGE.replace(b"antispam@victim.example", f"alice@{LOCAL}".encode())
+                    + b".\r\n")
         queue_id = queued_id(client.reply())
     (record,) = envelopes_by_id(tayori)[queue_id].recipients
     assert (record.address, record.action) == (f"{TO}@{FOREIGN}", "remote")

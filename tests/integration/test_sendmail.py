@@ -118,6 +118,20 @@ def test_php_style_t_reads_recipients_and_removes_bcc(tayori: Tayori) -> None:
 
 
 @needs_pickup
+def test_a_local_user_cannot_bring_our_authentication_results(tayori: Tayori) -> None:
+    message = (b"Authentication-Results: mx.tayori.test; dkim=pass header.d=bank.example\n"
+               b"Authentication-Results: other.example; spf=pass smtp.mailfrom=x.example\n"
+               b"From: a@tayori.test\nTo: bob@tayori.test\nSubject: forged\n\nbody\n")
+    assert run_sendmail("-C", str(tayori.config_path), "-t", data=message).returncode == 0
+    (env,) = queued_one(tayori)
+    body = tayori.body(env.queue_id)
+    assert field(body, "Authentication-Results") == [
+        "Authentication-Results: other.example; spf=pass smtp.mailfrom=x.example"]
+    assert body.startswith(b"Received: by mx.tayori.test (tayori, from userid ")
+    assert body.endswith(b"\r\n\r\nbody\r\n")
+
+
+@needs_pickup
 def test_cron_style_invocation(tayori: Tayori) -> None:
     # cron: sendmail -FCronDaemon -i -B8BITMIME -oem USER, with its own header fields
     message = (b"From: root (Cron Daemon)\nTo: root\nSubject: Cron <root@host> date\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Client, Tayori, queued_id, wait_for, which_peer
+from harness import Client, Tayori, queued_id, strip_received, wait_for, which_peer
 from tayori.policy.userdb_file import add_user
 
 MakeTayori = Callable[..., Tayori]
@@ -161,3 +161,78 @@ def test_only_a_login_relays_from_an_untrusted_network(make_tayori: MakeTayori,
         client.expect_cmd("DATA", 354)
         client.send(MESSAGE + b".\r\n")
         assert queued_id(client.reply())
+
+
+def test_the_from_address_must_be_owned_too(make_tayori: MakeTayori, users: Path) -> None:
+    """With ``sender_policy = "owned"`` (the default) a login's message must be from its
+    own addresses, not only its MAIL FROM: tayori would sign it with the From domain's
+    key, and DMARC passes by SPF alignment even without one."""
+    tayori = submission(make_tayori, users)
+
+    def data_reply(client: Client, author: bytes) -> tuple[int, str]:
+        client.expect_cmd("MAIL FROM:<alice@example.org>", 250)
+        client.expect_cmd("RCPT TO:<bob@far.test>", 250)
+        client.expect_cmd("DATA", 354)
+        client.send(MESSAGE.replace(b"Alice <alice@example.org>", author) + b".\r\n")
+        reply = client.reply()
+        return reply.code, reply.status
+
+    with logged_in_client(tayori) as client:
+        client.expect_cmd(f"AUTH PLAIN {plain('alice@example.org', PASSWORD)}", 235)
+        for author in (b"Mallory <mallory@example.org>", b"alice@example.org, ceo@example.org",
+                       b"alice@example.org <ceo@example.org>", b"<ALICE@example.org.evil>"):
+            assert data_reply(client, author) == (553, "5.7.1"), author
+        for author in (b"Alice <Alice+lists@Example.ORG>", b"Anyone <anyone@example.net>",
+                       b"undisclosed-recipients:;"):
+            assert data_reply(client, author) == (250, "2.0.0"), author
+    assert len(tayori.envelopes()) == 3
+    assert "From address not owned by the authenticated user" in tayori.log()
+
+
+def test_a_login_cannot_bring_our_authentication_results(make_tayori: MakeTayori,
+                                                         users: Path) -> None:
+    tayori = submission(make_tayori, users)
+    forged = b"Authentication-Results: mx.tayori.test; dkim=pass header.d=example.org\r\n"
+    with logged_in_client(tayori) as client:
+        client.expect_cmd(f"AUTH PLAIN {plain('alice@example.org', PASSWORD)}", 235)
+        queue_id = queued_id(client.send_message("alice@example.org", ["bob@far.test"],
+                                                 forged + MESSAGE))
+    assert strip_received(tayori.body(queue_id)) == MESSAGE
+
+
+def test_acting_as_another_user_is_refused_and_not_counted(make_tayori: MakeTayori,
+                                                           users: Path) -> None:
+    """PLAIN's authorization identity (RFC 4616 §2): tayori has no proxy authorization.
+    Refused before the password is looked at, so no guess: three refusals do not ban
+    (max_failures = 3)."""
+    tayori = submission(make_tayori, users)
+    as_carol = base64.b64encode(f"carol\0alice@example.org\0{PASSWORD}".encode()).decode()
+    as_herself = base64.b64encode(
+        f"Alice@example.org\0alice@example.org\0{PASSWORD}".encode()).decode()
+    with logged_in_client(tayori) as client:
+        for _ in range(3):
+            refused = client.cmd(f"AUTH PLAIN {as_carol}")
+            assert (refused.code, refused.status) == (535, "5.7.8")
+        assert client.cmd("MAIL FROM:<carol@example.org>").code == 530
+        client.expect_cmd(f"AUTH PLAIN {as_herself}", 235)
+    assert "auth-failure" not in tayori.log() and "auth-ban" not in tayori.log()
+
+
+def test_starttls_ends_the_login_and_screens_again(make_tayori: MakeTayori,
+                                                   users: Path) -> None:
+    """A login before STARTTLS is forgotten (RFC 3207 §4.2): the client is a stranger
+    again, screened (here: a HELO name must be fully qualified) and relaying nowhere."""
+    tayori = make_tayori(listen={"mode": "smtp", "auth": True, "auth_without_tls": True},
+                         trusted=["192.0.2.0/24"], smtp={"helo_syntax": True},
+                         extra='[[match]]\nfrom = "authenticated"\nto = "any"\n'
+                               f'action = "remote"\n[auth]\nusers = "{users}"\n')
+    with tayori.client() as client:
+        client.greeting_and_ehlo("laptop.test")
+        client.expect_cmd(f"AUTH PLAIN {plain('alice@example.org', PASSWORD)}", 235)
+        client.expect_cmd("EHLO laptop", 250)      # a logged-in client is not screened
+        client.expect_cmd("STARTTLS", 220)
+        client.starttls()
+        assert client.cmd("EHLO laptop").code == 501
+        client.expect_cmd("EHLO laptop.test", 250)
+        client.expect_cmd("MAIL FROM:<alice@example.org>", 250)
+        assert client.cmd("RCPT TO:<bob@far.test>").code == 554

@@ -16,6 +16,7 @@ from tayori.auth.results import (
     auth_result,
     authentication_results,
     authserv_id_of,
+    claimed_ids,
     dkim_result,
     header_fields,
     iprev_result,
@@ -215,6 +216,15 @@ HEADER_LINES = [
     ("keep", b"Authentication-Results: mx.tayori.test.evil.example; dkim=pass\r\n"),
     ("keep", b"Authentication-Results: mx.tayori.testing; dkim=pass\r\n"),
     ("keep", b"Authentication-Results: ; dkim=pass\r\n"),
+    # unreadable by RFC 8601, but a lax reader downstream sees our id: dropped
+    ("drop", b'Authentication-Results: "mx.tayori.test; dkim=pass header.d=bank.example\r\n'),
+    ("drop", b"Authentication-Results: mx.tayori.test\\; dkim=pass\r\n"),
+    ("drop", b'Authentication-Results: "mx.tayori.test\\"; dkim=pass\r\n'),
+    ("drop", b'Authentication-Results: " mx.tayori.test"; dkim=pass\r\n'),
+    ("drop", b"Authentication-Results: mx.tayori.test(c); dkim=pass\r\n"),
+    ("drop", b"Authentication-Results: mx.tayori.test dkim=pass\r\n"),
+    ("keep", b"Authentication-Results: (unclosed mx.tayori.test; dkim=pass\r\n"),
+    ("keep", b'Authentication-Results: "other.example; dkim=pass\r\n'),
     ("keep", b"X-Authentication-Results: mx.tayori.test; dkim=pass\r\n"),
     ("keep", b"Subject: hello\r\n"),
     ("keep", b"\r\n"),
@@ -226,6 +236,18 @@ HEADER = b"".join(line for _, line in HEADER_LINES)
 def test_strip_forged() -> None:
     assert strip_forged(HEADER, "MX.TAYORI.TEST") == b"".join(
         line for fate, line in HEADER_LINES if fate == "keep")
+
+
+@pytest.mark.parametrize(("value", "ids"), [
+    (' "mx.tayori.test; dkim=pass', {"mx.tayori.test"}),           # strict: unreadable
+    (" mx.tayori.test\\; dkim=pass", {"mx.tayori.test\\", "mx.tayori.test"}),
+    (' (comment) "MX.Tayori.Test."; none', {"mx.tayori.test"}),
+    (" other.example; spf=pass", {"other.example"}),
+    (" ; dkim=pass", set()),
+    ("", set()),
+])
+def test_claimed_ids_read_strictly_and_leniently(value: str, ids: set[str]) -> None:
+    assert claimed_ids(value) == ids
 
 
 def test_strip_forged_several_ids() -> None:

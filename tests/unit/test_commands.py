@@ -266,6 +266,48 @@ def test_rcpt_orcpt_utf8_invalid(value: str) -> None:
     assert refused(rcpt, f"ORCPT={value}", smtputf8=True) == (501, "5.5.4")
 
 
+@pytest.mark.parametrize(("value", "utf8"), [
+    ("rfc822;x+0D+0AAuthentication-Results:+20mx.tayori.test;+20dkim=pass", False),
+    ("rfc822;x+0A+0AFrom+20evil@example.net", False),
+    ("rfc822;a+00b@example.com", False),
+    ("rfc822;a+7Fb@example.com", False),
+    ("rfc822;a+09b@example.com", False),
+    ("RFC822;a+0db@example.com", False),
+    ("utf-8;a\\x{0D}\\x{0A}b@example.com", True),
+    ("utf-8;a\\x{85}b@example.com", True),        # NEL, a C1 control
+    ("utf-8;a\\x{2028}b@example.com", True),      # LINE SEPARATOR
+    ("utf-8;a\\x{D800}b@example.com", True),      # a lone surrogate
+    ("utf-8;a\\x{110000}b@example.com", True),    # no code point at all
+    ("utf-8;a\x9bb@example.com", True),           # CSI, a C1 control, raw
+])
+def test_rcpt_orcpt_with_a_control_character_is_501(value: str, utf8: bool) -> None:
+    """A decoded ORCPT is written as a header line (Delivered-To, Original-Recipient):
+    CR, LF, NUL or any other control would forge header lines (RFC 3461 §4.2)."""
+    code, status = refused(rcpt, f"ORCPT={value}", smtputf8=utf8)
+    assert (code, status) == (501, "5.5.4")
+
+
+@pytest.mark.parametrize("value", [
+    "rfc822;u+40example.com+20x", "rfc822;+7E+21", "utf-8;a\\x{20}b@example.com",
+    "utf-8;a\\x{2B}b@example.com", "utf-8;ü@example.com",
+])
+def test_rcpt_orcpt_printable_escapes_are_fine(value: str) -> None:
+    assert rcpt(f"ORCPT={value}", smtputf8=True).orcpt == value
+
+
+@pytest.mark.parametrize("text", [
+    "ENVID=a+0Db", "ENVID=+0A", "ENVID=a+00", "ENVID=a+7F", "ENVID=a+85",
+    "AUTH=a+0D+0Ab@example.com", "AUTH=+09a@example.com",
+])
+def test_mail_envid_and_auth_with_a_control_character_are_501(text: str) -> None:
+    assert refused(mail, text, ALL | {"AUTH"}) == (501, "5.5.4")
+
+
+def test_mail_envid_and_auth_printable_escapes_are_fine() -> None:
+    params = mail("ENVID=a+20b AUTH=a+2Bb@example.com", ALL | {"AUTH"})
+    assert (params.envid, params.auth) == ("a+20b", "a+2Bb@example.com")
+
+
 @pytest.mark.parametrize(
     ("text", "offered"),
     [("NOTIFY=NEVER", ALL - {"DSN"}), ("ORCPT=rfc822;a@b", ALL - {"DSN"}), ("SIZE=1", ALL),

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
 
+import argon2
 import pytest
 
+from tayori.config.model import AuthConfig
+from tayori.errors import Reply
 from tayori.maillog import TextFormatter
+from tayori.policy.authentication import Authenticator
 from tayori.policy.ratelimit import (
     Allowed,
     Denied,
@@ -21,9 +28,11 @@ from tayori.policy.ratelimit import (
     client_network,
     rate_limited,
 )
+from tayori.policy.userdb_file import add_user
 
 T0 = 5000.0
 HOUR = 3600.0
+FAST = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -271,3 +280,68 @@ def test_a_login_cannot_forge_the_banned_address() -> None:
     line = log_line("auth-failure", auth_failure_fields("192.0.2.1", forged, "LOGIN", 1))
     assert host_of(line) == "192.0.2.1"
     assert "198.51.100.7" in line  # logged, but quoted where the filter does not look
+
+
+# --- the guard off the event loop -------------------------------------------------------------
+
+
+def guarded_authenticator(tmp_path: Path) -> Authenticator:
+    users = tmp_path / "users"
+    add_user(str(users), "bob", "bob-pw", hasher=FAST)
+    return Authenticator(AuthConfig(users=str(users), max_failures=2), str(tmp_path))
+
+
+def spy_threads(monkeypatch: pytest.MonkeyPatch, guard: LoginGuard) -> dict[str, str]:
+    """Record the thread each of the guard's file calls runs on, by method name."""
+    threads: dict[str, str] = {}
+    for name in ("ban_remaining", "record_failure", "record_success", "failures"):
+        method = getattr(guard, name)
+
+        def spy(*args: Any, _method: Any = method, _name: str = name) -> Any:
+            threads[_name] = threading.current_thread().name
+            return _method(*args)
+
+        monkeypatch.setattr(guard, name, spy)
+    return threads
+
+
+def test_logins_use_the_guard_on_its_own_thread(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    auth = guarded_authenticator(tmp_path)
+    threads = spy_threads(monkeypatch, auth.guard)
+
+    async def main() -> tuple[str, list[int], Reply | None]:
+        replies = [(await auth.login("S1", "192.0.2.1", "PLAIN", "bob", password)).code
+                   for password in ("bob-pw", "guess", "guess")]
+        return threading.current_thread().name, replies, await auth.ban("192.0.2.1")
+
+    loop_thread, replies, banned = asyncio.run(main())
+    assert replies == [235, 535, 421]
+    assert banned is not None and (banned.code, banned.status) == (421, "4.7.0")
+    assert set(threads) == {"ban_remaining", "record_failure", "record_success", "failures"}
+    assert all(name.startswith("tayori-logins") and name != loop_thread
+               for name in threads.values())
+
+
+def test_a_slow_ban_list_lets_a_connection_in_but_no_login(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """At connect the ban check fails open after BAN_CHECK_TIMEOUT (the AUTH that
+    follows is checked again); at AUTH a ban list that cannot be used fails closed."""
+    auth = guarded_authenticator(tmp_path)
+    release = threading.Event()
+
+    def stuck(ip: str, now: float) -> float:
+        release.wait(10)
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(auth.guard, "ban_remaining", stuck)
+
+    async def main() -> tuple[Reply | None, Reply]:
+        at_connect = await auth.ban("192.0.2.1")
+        release.set()
+        return at_connect, await auth.login("S1", "192.0.2.1", "PLAIN", "bob", "bob-pw")
+
+    at_connect, at_auth = asyncio.run(main())
+    assert at_connect is None
+    assert (at_auth.code, at_auth.status) == (454, "4.7.0")

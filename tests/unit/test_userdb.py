@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import argon2
+import bcrypt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -164,9 +165,39 @@ def test_an_unknown_user_looks_like_a_wrong_password_and_costs_a_check(
     unknown = run(users.authenticate("mallory", "guess"))
     assert wrong.status is unknown.status is AuthStatus.BAD_CREDENTIALS
     assert wrong.reply == unknown.reply and wrong.login == unknown.login == ""
-    assert len(checks.calls) == 2
-    assert checks.stored()[1] == userdb.dummy_hash()
+    # bob's hash has cheaper parameters than the dummy's: his check pays for the dummy too
+    assert len(checks.calls) == 3
+    assert checks.stored()[1:] == [userdb.dummy_hash()] * 2
     assert checks.stored()[1].startswith("{ARGON2ID}$argon2id$v=19$m=65536")
+
+
+SHA_CRYPT = ("{SHA512-CRYPT}$6$saltstring$svn8UoSVapNtMuq1ukKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJu"
+             "esI68u4OTLiBFdcbYEdFCoEOfaS35inz1")   # Hello world!
+
+
+@pytest.mark.parametrize("stored", [
+    SHA_CRYPT,
+    bcrypt.hashpw(b"Hello world!", bcrypt.gensalt(4)).decode(),
+    hash_password("Hello world!", FAST),                     # argon2id, older parameters
+    "!" + hash_password("Hello world!", FAST),               # a locked account
+], ids=["sha512-crypt", "bcrypt", "argon2id-cheap", "locked"])
+@pytest.mark.parametrize("password", ["Hello world!", "guess"])
+def test_every_check_costs_at_least_the_dummy_argon2id_check(
+        checks: Checks, stored: str, password: str) -> None:
+    """AUTH timing must not tell which logins exist: a known user whose hash may be
+    cheaper than the dummy an unknown user costs pays for the dummy too (counted)."""
+    userdb.judge("bob", stored, password)
+    assert checks.stored() == [stored, userdb.dummy_hash()]
+    checks.calls.clear()
+    userdb.judge("mallory", None, password)
+    assert checks.stored() == [userdb.dummy_hash()]
+
+
+def test_a_current_argon2id_hash_is_checked_once(checks: Checks) -> None:
+    stored = hash_password("pw")   # the dummy's own parameters: as dear as it
+    assert userdb.judge("bob", stored, "pw").ok
+    assert userdb.judge("bob", stored, "guess").status is AuthStatus.BAD_CREDENTIALS
+    assert checks.stored() == [stored, stored]
 
 
 def test_password_checks_run_off_the_event_loop(table: Path, checks: Checks) -> None:

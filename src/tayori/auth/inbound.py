@@ -35,9 +35,14 @@ Promises:
   opened in the worker on first use, written on a thread); sending reports is not
   this module's.
 - Mail of clients that are not screened (trusted networks, logged-in clients,
-  submission listeners) is neither checked nor read nor rewritten: no
-  Authentication-Results of ours (they are inside our ADMD; RFC 8601 §5 asks for the
-  removal of forgeries from outside it).
+  submission and LMTP listeners) is not checked and gets no Authentication-Results of
+  ours, but the forgeries go from it all the same: :meth:`Inbound.at_end` needs only
+  its header section then, and rewrites the draft only when a field claiming our
+  authserv-id is there (``forged`` counts them). Every message that comes in from
+  outside tayori is such a client's: RFC 8601 §5 asks for the removal at the ADMD's
+  border, and a field kept from a logged-in user or a trusted host would reach local
+  users as our verdict, and be copied under our ARC seal when forwarded
+  (:mod:`tayori.auth.outbound`).
 
 Failure policy:
 
@@ -103,6 +108,8 @@ QUARANTINE_FIELD = b"X-Tayori-Quarantine: yes\r\n"
 LINE_LIMIT = 78
 """Received-SPF is folded at spaces to keep its lines this short (RFC 5322 §2.1.1)."""
 _QUOTED_PAIR = re.compile(r"\\(.)")
+_RESULTS_FIELD = re.compile(rb"^authentication-results[ \t]*:", re.IGNORECASE | re.MULTILINE)
+"""A quick look for the field (in the body too: then the header is parsed for nothing)."""
 
 
 class Action(StrEnum):
@@ -175,7 +182,8 @@ class Inbound:
 
     @staticmethod
     def checks(client: Client) -> bool:
-        """Whether this client's mail is checked at all (and its draft read)."""
+        """Whether this client's mail is checked (and its whole content read); of the
+        others, :meth:`at_end` needs only the header section."""
         return client.screened
 
     # --- MAIL ------------------------------------------------------------------------------
@@ -203,23 +211,43 @@ class Inbound:
     async def at_end(self, client: Client, spf_outcome: SpfOutcome, message: bytes, *,
                      trace: bytes = b"", recipients: Sequence[str] = (),
                      queue_id: str | None = None) -> InboundVerdict:
-        """DKIM, ARC and DMARC on ``message`` (the client's content); ``trace`` is the
-        Received field the draft holds above it, re-emitted in a rewritten header."""
-        if not self.checks(client):
-            return InboundVerdict()
+        """DKIM, ARC and DMARC on ``message`` (the client's content; for a client not
+        checked, its header section is enough), and forged Authentication-Results
+        removed; ``trace`` is the Received field the draft holds above it, re-emitted in
+        a rewritten header."""
         try:
-            verdict = await self._judge(client, spf_outcome.verdict, message, trace,
-                                        recipients)
+            if not self.checks(client):
+                verdict = self._unforged(message, trace)
+            else:
+                verdict = await self._judge(client, spf_outcome.verdict, message, trace,
+                                            recipients)
         except Exception:   # a bug: defer this message (never 250 for it), keep the session
             _failed(client, "DKIM/DMARC/ARC", queue_id)
             return InboundVerdict(Action.REFUSE, INTERNAL_ERROR)
-        _log(client, queue_id, verdict)
+        if self.checks(client) or verdict.forged:
+            _log(client, queue_id, verdict)
         return verdict
+
+    def _unforged(self, message: bytes, trace: bytes) -> InboundVerdict:
+        """An unchecked client's verdict: only the forged fields removed, if any."""
+        if not _RESULTS_FIELD.search(message):
+            return InboundVerdict()
+        header = _header_of(message)
+        return self._stripped(InboundVerdict(), trace, header)
+
+    def _stripped(self, verdict: InboundVerdict, trace: bytes, header: bytes,
+                  added: bytes = b"") -> InboundVerdict:
+        """``verdict`` with the draft's rewrite: ``added`` on top, the forged fields
+        claiming our authserv-id gone from ``header``."""
+        kept = strip_forged(header, self.config.authserv_id)
+        return dataclasses.replace(
+            verdict, rewrite=_rewrite(added, trace, header, kept), header=added,
+            forged=len(header_fields(header)[0]) - len(header_fields(kept)[0]))
 
     async def _judge(self, client: Client, spf_verdict: SpfVerdict | None, message: bytes,
                      trace: bytes, recipients: Sequence[str]) -> InboundVerdict:
         now = self._clock()
-        header = message[: sum(len(f.raw) for f in parse_message(message).fields)]
+        header = _header_of(message)
         signatures = await self._dkim(message, now)
         chain = await arc.validate(message, self.resolver, now=now) \
             if self.config.arc.verify else None
@@ -231,11 +259,7 @@ class Inbound:
                                  arc=chain)
         if action is Action.REFUSE:
             return verdict
-        added = self._fields(client, verdict)
-        kept = strip_forged(header, self.config.authserv_id)
-        return dataclasses.replace(
-            verdict, rewrite=_rewrite(added, trace, header, kept), header=added,
-            forged=len(header_fields(header)[0]) - len(header_fields(kept)[0]))
+        return self._stripped(verdict, trace, header, self._fields(client, verdict))
 
     async def _dkim(self, message: bytes, now: float) -> tuple[DkimSignatureResult, ...]:
         config = self.config.dkim
@@ -418,6 +442,11 @@ def _folded(name: str, value: str) -> bytes:
             lines.append("")
         lines[-1] += " " + word
     return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+
+
+def _header_of(message: bytes) -> bytes:
+    """The header fields of ``message``, byte for byte, without the blank line."""
+    return message[: sum(len(f.raw) for f in parse_message(message).fields)]
 
 
 def _rewrite(added: bytes, trace: bytes, header: bytes, kept: bytes) -> tuple[bytes, int] | None:

@@ -17,12 +17,17 @@ Promises:
   (a property without a ptype, an empty property value); :func:`parse_arc` reads an
   ARC-Authentication-Results value (``i=N;`` first).
 - :func:`strip_forged` removes, from a raw header block, every Authentication-Results
-  field whose authserv-id equals ours, compared case-insensitively and without a
-  trailing dot (RFC 8601 §5): a field claiming our id did not come from us. Every other
-  byte is kept as it was, including the body or blank line after the header, if given.
+  field whose authserv-id equals ours, compared case-insensitively, without
+  surrounding blanks or a trailing dot (RFC 8601 §5): a field claiming our id did not
+  come from us. The id is read twice, and either reading matching ours removes the
+  field: as RFC 8601 has it (a token or a quoted string), and leniently, as a sloppier
+  reader downstream might: the text up to the first ``;``, whitespace or comment, with
+  quotes and backslashes dropped (so ``"mx.example; dkim=pass`` with its quote never
+  closed, or ``mx.example\\;``, is removed too). Every other byte is kept as it was,
+  including the body or blank line after the header, if given.
 Failure policy: :func:`parse` raises :class:`ResultsSyntaxError` (a ValueError) on a
-value it cannot read; :func:`strip_forged` never raises: a field whose authserv-id is
-unreadable is kept (it claims nothing we can match).
+value it cannot read; :func:`strip_forged` never raises: a field whose authserv-id no
+reading makes ours is kept (it claims nothing we can match).
 Config keys: ``auth.authserv_id`` (the caller hands it in).
 Standards: RFC 8601 (the field, §5 removal of forged fields), RFC 6008 (header.b),
 RFC 8617 §4.1.2 (ARC-Authentication-Results), RFC 2045 §5.1 (token), RFC 5322 §2.2.3
@@ -31,6 +36,7 @@ RFC 8617 §4.1.2 (ARC-Authentication-Results), RFC 2045 §5.1 (token), RFC 5322 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -47,6 +53,7 @@ _WSP = " \t\r\n"
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff"
 _ADDRESS = re.compile(rf"(?:[{_ATEXT}]+(?:\.[{_ATEXT}]+)*)?@[A-Za-z0-9\u0080-\U0010ffff.-]+\Z")
 _KEYWORD = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\Z")
+_LENIENT_ID = re.compile(r"[^;\s(]*")
 
 
 class ResultsSyntaxError(ValueError):
@@ -473,23 +480,39 @@ def field_value(field: bytes) -> bytes:
 
 
 def _id_key(authserv_id: str) -> str:
-    return authserv_id.rstrip(".").lower()
+    return authserv_id.strip().rstrip(".").lower()
+
+
+def _lenient_id(value: str) -> str:
+    """The authserv-id as a lax reader may see it: after any leading CFWS, the text up
+    to a ``;``, whitespace or comment, without quotes and backslashes."""
+    reader = _Reader(value)
+    with contextlib.suppress(ResultsSyntaxError):   # an unclosed comment: read on from there
+        reader.skip()
+    match = _LENIENT_ID.match(value, reader.pos)
+    word = match.group() if match else ""
+    return word.replace('"', "").replace("\\", "")
+
+
+def claimed_ids(value: str | bytes) -> set[str]:
+    """The authserv-ids a field value may be read as claiming (compared forms: lower
+    case, no trailing dot): the RFC 8601 reading, when there is one, and the lenient
+    one."""
+    text = _text(value)
+    strict = authserv_id_of(text)
+    return {_id_key(claimed) for claimed in (strict, _lenient_id(text)) if claimed}
 
 
 def strip_forged(data: bytes, authserv_id: str | Iterable[str]) -> bytes:
     """``data`` without the Authentication-Results fields that claim ``authserv_id``
-    (or any of several ids, for an ADMD whose hosts each write their own)."""
+    (or any of several ids, for an ADMD whose hosts each write their own), by either
+    reading of :func:`claimed_ids`."""
     ours = {_id_key(i) for i in ([authserv_id] if isinstance(authserv_id, str)
                                  else authserv_id)}
     fields, rest = header_fields(data)
     name = FIELD_NAME.lower().encode()
-    kept = []
-    for field in fields:
-        if field_name(field) == name:
-            claimed = authserv_id_of(field_value(field))
-            if claimed is not None and _id_key(claimed) in ours:
-                continue
-        kept.append(field)
+    kept = [field for field in fields
+            if field_name(field) != name or ours.isdisjoint(claimed_ids(field_value(field)))]
     return b"".join(kept) + rest
 
 
@@ -503,6 +526,7 @@ __all__ = [
     "auth_result",
     "authentication_results",
     "authserv_id_of",
+    "claimed_ids",
     "dkim_result",
     "field_name",
     "field_value",

@@ -221,8 +221,9 @@ class AuthConfig:
                            "addresses of each login (besides the login itself when it is an "
                            "address), for directories without their own (Dovecot).")
     sender_policy: str = setting("owned", enum("owned", "any"), "`owned`: an authenticated "
-                                 "client may use only its own sender addresses (else 553 "
-                                 "5.7.1); `any`: every sender.")
+                                 "client may use only its own addresses, in MAIL FROM and in "
+                                 "the From header (else 553 5.7.1; so it cannot have mail "
+                                 "signed for a domain not its own); `any`: every sender.")
     timeout: float = setting(10.0, DURATION, "Wait for the user directory; then 454 4.7.0.",
                              shown_default='"10s"')
     max_failures: int = setting(5, POSITIVE, "Failed logins from one client address (IPv6: "

@@ -6,11 +6,18 @@ Takes: the mbox path, an open descriptor of the spool body (CRLF line ends, read
 ``Delivered-To`` address.
 Promises: one entry appended: a ``From `` line (``MAILER-DAEMON`` for ``<>``),
 ``Return-Path`` and ``Delivered-To``, the message with LF line ends and mboxrd quoting
-(``>From `` lines get one more ``>``), a blank line. The file is locked as mail readers
-expect: a ``.lock`` dot-lock file next to it (one older than five minutes is a crashed
-writer's and is taken over) and an fcntl lock on the file, as Dovecot and mutt do; it
-is created 0600 when missing (with ``make_parents``, its directory too, 0700), written
-with ``O_APPEND`` and fsync'd before :func:`append` returns.
+(``>From `` lines get one more ``>``), a blank line. The sender and the ``Delivered-To``
+address are written on one line whatever they hold: a control character (CR, LF, NUL,
+any other below 0x20, DEL) becomes a space, so no envelope value (an ORCPT decoded from
+xtext, say) can add a header line or a fake ``From `` line. Replaced, not refused: the
+value is known only at delivery, and an error there would defer the message again and
+again until it expired, while a space harms nothing (the session refuses such values at
+RCPT already; this is the last line of defence, for mail queued before that).
+The file is locked as mail readers expect: a ``.lock`` dot-lock file next to it (one
+older than five minutes is a crashed writer's and is taken over) and an fcntl lock on
+the file, as Dovecot and mutt do; it is created 0600 when missing (with
+``make_parents``, its directory too, 0700), written with ``O_APPEND`` and fsync'd before
+:func:`append` returns.
 Failure policy: any file-system problem (permissions, a full disk, a lock held longer
 than 30 s) raises OSError, and nothing is said delivered; a half-written entry can only
 follow a crash, as in every mbox writer.
@@ -27,6 +34,7 @@ import time
 from collections.abc import Iterator
 
 _QUOTED = re.compile(rb"^(>*From )", re.MULTILINE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 LOCK_WAIT = 30.0
 STALE_LOCK = 300.0
 
@@ -59,12 +67,18 @@ def _read_all(source: int) -> bytes:
 
 
 def _entry(message: bytes, sender: str, delivered_to: str) -> bytes:
+    sender, delivered_to = _one_line(sender), _one_line(delivered_to)
     stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime())
     head = (f"From {sender or 'MAILER-DAEMON'} {stamp}\n"
             f"Return-Path: <{sender}>\n"
             f"Delivered-To: {delivered_to}\n").encode()
     body = _QUOTED.sub(rb">\1", message.replace(b"\r\n", b"\n"))
     return head + body.rstrip(b"\n") + b"\n\n"
+
+
+def _one_line(value: str) -> str:
+    """``value`` with every control character (CR, LF, NUL...) turned into a space."""
+    return _CONTROL.sub(" ", value)
 
 
 @contextlib.contextmanager

@@ -16,9 +16,26 @@ Promises:
   never is.
 - :meth:`Authenticator.sender_refusal` applies ``auth.sender_policy``: with ``owned``,
   an authenticated login may use only its own sender addresses (``553 5.7.1``).
+  :meth:`Authenticator.author_refusal` applies it to the message's From field(s) at the
+  end of the data: every From address must be the login's as well (``553 5.7.1 From
+  address not owned by the authenticated user``), whether or not tayori holds a
+  ``[[dkim_key]]`` for its domain. Why every domain: the key is what makes tayori sign
+  (:mod:`tayori.auth.outbound` picks it by the From domain), but DMARC passes without a
+  signature too, by SPF alignment, for a From domain whose MAIL FROM domain is the
+  same; so a login owning one address of a hosted domain could otherwise send as any
+  other user of it. A From address without a domain claims nothing (DMARC and the
+  signer ignore it) and passes; any domain the DMARC parser finds in From that none of
+  the checked addresses has (two parsers disagreeing) is refused.
 - :meth:`Authenticator.ban` lets the session refuse a banned client at connect.
+- The login guard's SQLite file (:class:`~tayori.policy.ratelimit.LoginGuard`) is used
+  on its own thread, never on the event loop: at connect (:meth:`Authenticator.ban`)
+  and at AUTH.
 Failure policy: a directory that cannot say which senders a login owns gives
-``451 4.3.0`` (fail closed); nothing here raises into the session.
+``451 4.3.0`` (fail closed); nothing here raises into the session. The ban list: at
+AUTH, a file that cannot be used answers ``454 4.7.0`` (fail closed: without it password
+guessing is unbounded); at connect, a file that cannot be used or that does not answer
+within :data:`BAN_CHECK_TIMEOUT` lets the client in (fail open: its AUTH is checked
+again, closed).
 Config keys: ``auth.*``.
 Standards: RFC 4954 §6 (reply codes), RFC 6409 §6.1 (submission sender checks).
 """
@@ -26,11 +43,14 @@ Standards: RFC 4954 §6 (reply codes), RFC 6409 §6.1 (submission sender checks)
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 
 from tayori import maillog
+from tayori.auth.dmarc import author_domains, from_field_values
 from tayori.config.model import AuthConfig
 from tayori.errors import Reply
 from tayori.policy import userdb
@@ -43,6 +63,9 @@ from tayori.policy.userdb_sql import SqlUsers
 
 LOGINS_FILE = "logins.sqlite3"
 DIRECTORY_TROUBLE = Reply(451, "4.3.0", "Cannot check the sender address now, try again later")
+AUTHOR_NOT_OWNED = Reply(553, "5.7.1", "From address not owned by the authenticated user")
+BAN_CHECK_TIMEOUT = 0.1
+"""Seconds the ban check at connect may take; then the client is let in."""
 
 
 def directory_of(config: AuthConfig) -> UserDirectory:
@@ -86,13 +109,15 @@ class Authenticator:
         self.guard.max_failures = config.max_failures
         self.guard.window, self.guard.ban_time = config.failure_window, config.ban_time
 
-    def ban(self, client_ip: str) -> Reply | None:
+    async def ban(self, client_ip: str) -> Reply | None:
         """``421`` for a banned client (at connect); None otherwise, and when the ban list
-        cannot be read (logged; the AUTH command then fails closed)."""
+        cannot be read in :data:`BAN_CHECK_TIMEOUT` (logged; AUTH then fails closed)."""
         try:
-            remaining = self.guard.ban_remaining(client_ip, time.time())
-        except sqlite3.Error as exc:
-            maillog.error("auth-bans-unavailable", reason=str(exc))
+            async with asyncio.timeout(BAN_CHECK_TIMEOUT):
+                remaining = await self.guard.in_thread(self.guard.ban_remaining, client_ip,
+                                                       time.time())
+        except (sqlite3.Error, TimeoutError) as exc:
+            maillog.error("auth-bans-unavailable", reason=str(exc) or "no answer in time")
             return None
         return ban_reply(remaining) if remaining else None
 
@@ -106,12 +131,13 @@ class Authenticator:
 
     async def _login(self, session: str, client_ip: str, mechanism: str, login: str,
                      password: str) -> Reply:
-        remaining = self.guard.ban_remaining(client_ip, time.time())
+        guard = self.guard
+        remaining = await guard.in_thread(guard.ban_remaining, client_ip, time.time())
         if remaining:
             return ban_reply(remaining)
         outcome = await self._ask(login, password)
         if outcome.ok:
-            self.guard.record_success(client_ip)
+            await guard.in_thread(guard.record_success, client_ip)
             maillog.event("auth", session=session, client=f"[{client_ip}]",
                           login=outcome.login, mechanism=mechanism)
             return outcome.reply
@@ -119,7 +145,7 @@ class Authenticator:
             maillog.warning("auth-unavailable", session=session, client=f"[{client_ip}]",
                             login=login, reason=outcome.reason)
             return outcome.reply
-        return self._failed(session, client_ip, mechanism, login, outcome)
+        return await self._failed(session, client_ip, mechanism, login, outcome)
 
     async def _ask(self, login: str, password: str) -> AuthOutcome:
         try:
@@ -128,11 +154,10 @@ class Authenticator:
         except TimeoutError:
             return AuthOutcome.temporary("the user directory did not answer in time")
 
-    def _failed(self, session: str, client_ip: str, mechanism: str, login: str,
-                outcome: AuthOutcome) -> Reply:
-        now = time.time()
-        banned_now = self.guard.record_failure(client_ip, now)
-        failures = self.guard.failures(client_ip, now)
+    async def _failed(self, session: str, client_ip: str, mechanism: str, login: str,
+                      outcome: AuthOutcome) -> Reply:
+        banned_now, failures = await self.guard.in_thread(self._count_failure, client_ip,
+                                                          time.time())
         maillog.event("auth-failure", session=session, reason=outcome.reason,
                       **auth_failure_fields(client_ip, login, mechanism, failures))
         if not banned_now:
@@ -140,6 +165,10 @@ class Authenticator:
         maillog.warning("auth-ban", session=session, **auth_ban_fields(
             client_ip, self.config.max_failures, self.config.ban_time))
         return ban_reply(self.config.ban_time)
+
+    def _count_failure(self, client_ip: str, now: float) -> tuple[bool, int]:
+        """Blocking (the guard's thread): record a failure; (a ban starts, failures)."""
+        return self.guard.record_failure(client_ip, now), self.guard.failures(client_ip, now)
 
     async def sender_refusal(self, login: str, sender: str, delimiter: str = "+"
                              ) -> Reply | None:
@@ -152,3 +181,30 @@ class Authenticator:
         except (DirectoryUnavailable, TimeoutError):
             return DIRECTORY_TROUBLE
         return None if allowed else userdb.SENDER_NOT_OWNED
+
+    async def author_refusal(self, login: str, header: bytes, delimiter: str = "+"
+                             ) -> Reply | None:
+        """Why ``login`` may not send a message with this header block (its From
+        field(s)); None when it may. See the module docstring."""
+        if self.config.sender_policy == "any":
+            return None
+        values = from_field_values(header)
+        addresses = _author_addresses(values)
+        if not addresses and not author_domains(values).domains:
+            return None
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                owned = await self.directory.sender_addresses(login)
+        except (DirectoryUnavailable, TimeoutError):
+            return DIRECTORY_TROUBLE
+        checked = {userdb.normalize_sender(a).rpartition("@")[2] for a in addresses}
+        if all(userdb.owns_address(owned, a, delimiter) for a in addresses) and \
+                checked.issuperset(author_domains(values).domains):
+            return None
+        return AUTHOR_NOT_OWNED
+
+
+def _author_addresses(values: Sequence[bytes]) -> list[str]:
+    """The addresses with a domain in the From field values (RFC 5322 address lists)."""
+    texts = [" ".join(v.decode("utf-8", "replace").split()) for v in values]
+    return [address for _, address in email.utils.getaddresses(texts) if "@" in address]

@@ -16,7 +16,11 @@ Promises:
 - :class:`LoginGuard` counts failed logins per client network in a sliding window;
   the ``max_failures``-th failure within ``window`` seconds bans the network for
   ``ban_time`` seconds (the session answers :func:`ban_reply`, ``421 4.7.0``, and
-  closes). A success clears the failures counted so far, not a ban in force.
+  closes). A success clears the failures counted so far, not a ban in force. Its
+  methods block (an SQLite file another process may hold locked for up to
+  :data:`LOGIN_BUSY_TIMEOUT`); :meth:`LoginGuard.in_thread` runs one on the guard's own
+  thread (one per process, so its calls never overlap), which is how the event loop
+  calls them.
 - Memory is bounded: the buckets keep at most ``max_keys`` keys, dropping the least
   recently used first (a dropped bucket starts full again: under a flood of distinct
   keys a limit is forgiven, memory is not lost); the login guard's SQLite file deletes
@@ -58,11 +62,15 @@ Standards: RFC 5321 §4.2.3 / §4.5.3.1.10 (4xx for limits), RFC 3463 / RFC 7372
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import ipaddress
 import math
 import os
 import sqlite3
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -72,6 +80,8 @@ V = TypeVar("V")
 
 DEFAULT_MAX_KEYS = 100_000
 """Keys a store remembers at most before it forgets the least recently used."""
+LOGIN_BUSY_TIMEOUT = 2.0
+"""Seconds a login guard call waits for another process's lock on the file."""
 
 
 def client_network(ip: str, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> str:
@@ -204,6 +214,8 @@ class LoginGuard:
         self._path = path
         self._db: sqlite3.Connection | None = None
         self._pid = 0
+        self._thread: ThreadPoolExecutor | None = None
+        self._thread_pid = 0
 
     def key(self, ip: str) -> str:
         """The network ``ip`` is counted under."""
@@ -247,10 +259,20 @@ class LoginGuard:
         with db:
             db.execute("DELETE FROM failures WHERE key = ?", (self.key(ip),))
 
+    async def in_thread(self, call: Callable[..., V], *args: object) -> V:
+        """``call(*args)`` (one of this guard's methods) on the guard's own thread, so
+        that the event loop never waits for the file."""
+        if self._thread is None or self._thread_pid != os.getpid():   # none after a fork
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tayori-logins")
+            self._thread_pid = os.getpid()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, functools.partial(call, *args))
+
     def _store(self) -> sqlite3.Connection:
         """The connection of this process (a forked worker opens its own)."""
         if self._db is None or self._pid != os.getpid():
-            db = sqlite3.connect(self._path, timeout=2.0, isolation_level="IMMEDIATE",
+            db = sqlite3.connect(self._path, timeout=LOGIN_BUSY_TIMEOUT,
+                                 isolation_level="IMMEDIATE",
                                  check_same_thread=False)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")   # a ban lost to a crash is no harm
@@ -292,6 +314,7 @@ def _trim(entries: OrderedDict[str, V], size: int) -> None:
 
 __all__ = [
     "DEFAULT_MAX_KEYS",
+    "LOGIN_BUSY_TIMEOUT",
     "Allowed",
     "Denied",
     "LoginGuard",

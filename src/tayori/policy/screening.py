@@ -18,9 +18,11 @@ Promises:
 - :meth:`Screening.rcpt`: the recipient buckets, then greylisting of screened,
   non-exempt clients (``451 4.7.1 Greylisted``). The null sender has no sender bucket
   (every DSN would share it).
+The greylist store is opened (on first use, in the worker) and used on threads, never
+on the event loop: opening it may wait for another worker's lock on the file.
 Failure policy: the lists fail open per zone (:mod:`tayori.policy.dnsbl`); a greylist
-store that fails answers ``451 4.3.0`` (fail closed); the rate limits and the ban are
-kept per worker process.
+store that fails, or cannot be opened, answers ``451 4.3.0`` (fail closed); the rate
+limits and the ban are kept per worker process.
 Config keys: ``dnsbl.*``, ``greylist.*``, ``limits.messages_per_*``,
 ``limits.recipients_per_*``, ``smtp.helo_syntax``, ``smtp.fcrdns``, ``dns.*``.
 Standards: RFC 5782 (DNSBL), RFC 7372 (X.7.25), RFC 6647 (greylisting).
@@ -28,6 +30,7 @@ Standards: RFC 5782 (DNSBL), RFC 7372 (X.7.25), RFC 6647 (greylisting).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -59,6 +62,7 @@ class Screening:
     def __init__(self, config: Config, resolver: Resolver | None = None) -> None:
         self._resolver = resolver
         self._greylist: Greylist | None = None
+        self._greylist_opening = asyncio.Lock()
         self.update(config)
 
     def update(self, config: Config) -> None:
@@ -124,8 +128,8 @@ class Screening:
                 or client.exempt:
             return refusal
         try:
-            verdict = await self._greylist_store().check_async(client.ip, sender, recipient,
-                                                               time.time())
+            store = await self._greylist_store()
+            verdict = await store.check_async(client.ip, sender, recipient, time.time())
         except (GreylistError, OSError) as exc:
             maillog.error("greylist-failed", session=client.session, reason=str(exc))
             return GREYLIST_TROUBLE
@@ -146,10 +150,13 @@ class Screening:
                 return rate_limited(name.replace("the sender", f"<{key}>"), taken)
         return None
 
-    def _greylist_store(self) -> Greylist:
-        if self._greylist is None:
-            settings = self.config.greylist
-            self._greylist = Greylist(settings.path, delay=settings.delay,
-                                      retry_window=settings.retry_window,
-                                      allow_time=settings.allow_time)
-        return self._greylist
+    async def _greylist_store(self) -> Greylist:
+        """The store, opened on a thread the first time (one session opens it, the
+        others wait for it). Raises GreylistError or OSError."""
+        async with self._greylist_opening:
+            if self._greylist is None:
+                settings = self.config.greylist
+                self._greylist = await asyncio.to_thread(
+                    Greylist, settings.path, delay=settings.delay,
+                    retry_window=settings.retry_window, allow_time=settings.allow_time)
+            return self._greylist

@@ -9,8 +9,13 @@ Promises:
   :attr:`AuthOutcome.reply` is what the session answers: ``235 2.7.0``, ``535 5.7.8``
   for every failed login (an unknown user and a wrong password look the same, RFC 4954
   §6), ``454 4.7.0`` for a temporary failure. ``reason`` is for the operator's log only.
-- The directories backed by hashes spend the same work on an unknown user as on a known
-  one: the password is checked against a dummy argon2id hash (:func:`judge`).
+- The directories backed by hashes spend at least the same work on an unknown user as on
+  a known one (:func:`judge`): an unknown user's password is checked against a dummy
+  argon2id hash, and so is a known user's whenever the stored hash is anything but an
+  argon2id hash with the current parameters (SHA-crypt, bcrypt, older argon2 settings,
+  a locked account): its own check may be cheaper, and the time an AUTH takes must not
+  tell which logins exist. (A stored hash dearer than argon2, bcrypt with a high cost,
+  still takes longer than an unknown user: rehash such users to argon2id.)
 - Password checks run off the event loop, in a small bounded pool of threads
   (:func:`off_loop`, :data:`VERIFY_THREADS` at once: argon2 takes 64 MiB each;
   :func:`authenticate_off_loop` is ``authenticate`` for the directories that block).
@@ -52,7 +57,7 @@ from typing import Generic, Protocol, TypeVar
 from tayori import maillog
 from tayori.address import AddressError, parse_mailbox, to_ascii_domain
 from tayori.errors import Reply
-from tayori.policy.passwords import check_password, hash_password
+from tayori.policy.passwords import check_password, hash_password, needs_rehash
 
 T = TypeVar("T")
 V = TypeVar("V")
@@ -205,14 +210,17 @@ def dummy_hash() -> str:
 
 
 def judge(login: str, stored: str | None, password: str) -> AuthOutcome:
-    """Blocking: check ``password`` against ``stored`` (None: no such user, checked
-    against :func:`dummy_hash` all the same; so is an unusable stored value, such as
-    a locked account's) and give the outcome."""
-    result = check_password(stored if stored is not None else dummy_hash(), password)
+    """Blocking: check ``password`` against ``stored`` and give the outcome. None (no
+    such user) is checked against :func:`dummy_hash` instead; any stored value but an
+    argon2id hash with the current parameters is checked against it as well, so that
+    no login costs less than an unknown one."""
     if stored is None:
-        return AuthOutcome.bad("no such user")
-    if result.problem:
         check_password(dummy_hash(), password)
+        return AuthOutcome.bad("no such user")
+    result = check_password(stored, password)
+    if needs_rehash(stored):   # maybe cheaper than the dummy: pay for the dummy too
+        check_password(dummy_hash(), password)
+    if result.problem:
         maillog.warning("auth-hash-unusable", login=login, problem=result.problem)
         return AuthOutcome.bad(result.problem)
     return AuthOutcome.success(login) if result.ok else AuthOutcome.bad("wrong password")

@@ -69,6 +69,7 @@ from typing import Any, BinaryIO
 
 from tayori import maillog
 from tayori.address import AddressError, parse_mailbox
+from tayori.auth.results import header_fields, strip_forged
 from tayori.config import Config
 from tayori.policy.relay import Rules
 from tayori.queue import wakeup
@@ -465,15 +466,20 @@ def _read(spool: Spool, config: Config, rules: Rules, name: str,
     draft = spool.new_draft(queue_id)
     scanner = HeaderScanner()
     eight_bit = False
+    trace = _received(hostname, meta.uid, queue_id,
+                      recipients[0].address if len(recipients) == 1 else None, now)
     try:
-        draft.write(_received(hostname, meta.uid, queue_id,
-                              recipients[0].address if len(recipients) == 1 else None, now))
+        draft.write(trace)
+        results_field = False   # an Authentication-Results field in the header
         for line in normalised(handle, complete):
             draft.write(line)
             if not scanner.done:
                 scanner.feed(line)
+                results_field = results_field or line[:23].lower() == RESULTS_FIELD
             eight_bit = eight_bit or not line.isascii()
         scanner.finish()
+        if results_field:
+            _strip_forged_results(draft, trace, config.authserv_id)
     except BaseException:
         draft.discard()
         raise
@@ -485,6 +491,21 @@ def _read(spool: Spool, config: Config, rules: Rules, name: str,
         body_type="8BITMIME" if eight_bit else "7BIT",
         smtputf8=not all(a.isascii() for a in addresses), message_id=scanner.message_id)
     return _Prepared(name, draft, envelope, meta.uid)
+
+
+RESULTS_FIELD = b"authentication-results:"
+
+
+def _strip_forged_results(draft: Draft, trace: bytes, authserv_id: str) -> None:
+    """A local user's message cannot bring Authentication-Results in tayori's name
+    either (RFC 8601 §5): such fields are removed from its header (below ``trace``,
+    tayori's Received, which starts the draft)."""
+    content = draft.read(len(trace))
+    _, rest = header_fields(content)
+    header = content[:len(content) - len(rest)]
+    kept = strip_forged(header, authserv_id)
+    if len(kept) != len(header):
+        draft.rewrite_header(trace + kept, len(trace) + len(header))
 
 
 def _checked_meta(handle: BinaryIO, config: Config) -> _Meta:

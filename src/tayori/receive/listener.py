@@ -13,7 +13,9 @@ reload the old contexts stay.
 Per worker, the sessions share the screening and the sender-authentication stage
 (:class:`~tayori.auth.inbound.Inbound`), whose resolvers are made in the worker.
 A listener that offers AUTH refuses a client banned for password guessing with ``421
-4.7.0`` at connect (:mod:`tayori.policy.authentication`).
+4.7.0`` at connect (:mod:`tayori.policy.authentication`; the ban list is read off the
+event loop, and a list that cannot be read in time lets the client in: its AUTH is
+checked again, failing closed).
 Config keys: ``listen``, ``certificate``, ``auth``, ``limits.max_connections``,
 ``limits.max_connections_per_ip``, ``limits.drain_timeout``, ``smtp.*``.
 """
@@ -193,9 +195,11 @@ class Receiver:
         table = self.connections
         return "S" if table.workers == 1 else f"S{table.worker}."
 
-    def admit(self, session: Session) -> Reply | None:
+    async def admit(self, session: Session) -> Reply | None:
+        """The refusal a new connection gets as its greeting (a ban, too many
+        connections), or None: then it is counted until :meth:`release`."""
         if session.listener.config.offers_auth:
-            banned = self.authenticator.ban(session.client_ip)
+            banned = await self.authenticator.ban(session.client_ip)
             if banned is not None:
                 return banned
         limits = self.config.limits

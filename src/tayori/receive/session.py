@@ -8,20 +8,32 @@ Promises: the engine's events are answered in order, one verb's rules in one han
 wait, so memory per session is bounded); ``250`` is sent only after ``Spool.commit``
 returned (DESIGN §2.1); the queue id is in the 250 reply, the Received header and every
 log line of the message. At RCPT a recipient needs a match rule (else ``554 5.7.1``),
-must exist when its action has local tables (else ``550 5.1.1``,
+must not have a local part that reads as a delivery instruction, ``|command``,
+``/file`` or ``\\mailbox`` (else ``550 5.1.3``, whatever the action: these forms are
+meaningful to local delivery only when an alias or ``.forward`` writes them, never
+from a client), must exist when its action has local tables (else ``550 5.1.1``,
 :mod:`tayori.route.local`) and must not have a full mailbox (else ``452 4.2.2``).
 Screening (:mod:`tayori.policy.screening`): blocklists at connect, HELO syntax, rate
 limits and reverse DNS at MAIL, rate limits and greylisting at RCPT; at most
 ``limits.max_messages_per_connection`` messages, then ``421``.
-Sender authentication (:mod:`tayori.auth.inbound`), for screened clients only: SPF at
+Sender authentication (:mod:`tayori.auth.inbound`), for screened clients: SPF at
 MAIL (a refusal there, by ``[spf]`` policy), DKIM, ARC and DMARC at the end of the data
 (``550 5.7.1`` for DMARC p=reject; the draft's header block rewritten with
-Authentication-Results and Received-SPF before the commit, forged Authentication-Results
-removed; DMARC quarantine may queue the message ``held``).
+Authentication-Results and Received-SPF before the commit; DMARC quarantine may queue
+the message ``held``). For every client, screened or not, Authentication-Results fields
+claiming our authserv-id are removed from the draft's header block at the end of the
+data (for an unscreened client from the header section the scanner kept, the draft is
+read only when that section was longer than :data:`~tayori.receive.trace.MAX_HEADER_SCAN`).
 AUTH (where the listener offers it) is answered by
 :class:`~tayori.policy.authentication.Authenticator`: a login makes the client
-``authenticated`` for the match rules, its MAIL FROM must be one of its own addresses
-(``553 5.7.1``), and its Received header says ``ESMTPSA``; a password is never logged.
+``authenticated`` for the match rules (and no longer screened; STARTTLS, which ends the
+login, makes it screened again where it was before), its MAIL FROM and, at the end of
+the data, its message's From addresses must be its own (``553 5.7.1``, by
+``auth.sender_policy``), and its Received header says ``ESMTPSA``; a password is never
+logged. PLAIN with an authorization identity other than the login is refused with
+``535 5.7.8`` before any password check, and not counted as a failed login: tayori
+offers no proxy authorization (RFC 4616 §2 lets the server refuse it), and a refusal
+that never looks at the password tells a guesser nothing.
 Failure policy: a disk error while receiving answers ``452 4.3.1`` and the session goes on;
 an unexpected exception answers ``451 4.3.0`` (never its text) and closes; idle clients
 get ``421 4.4.2`` after ``limits.command_timeout`` / ``limits.data_timeout``.
@@ -35,6 +47,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import ssl
 import time
 import traceback
@@ -49,7 +62,7 @@ from tayori.policy.screening import Client
 from tayori.queue.spool import Draft, Envelope, RecipientRecord, new_queue_id
 from tayori.receive import proxy
 from tayori.receive.tls import TlsInfo, info_of
-from tayori.receive.trace import HeaderScanner, protocol_name, received_header
+from tayori.receive.trace import MAX_HEADER_SCAN, HeaderScanner, protocol_name, received_header
 from tayori.smtp.server import (
     Authenticate,
     ChunkEnd,
@@ -80,8 +93,25 @@ UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
 MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full, try again later")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many Received headers: mail loop?")
 TOO_MANY_MESSAGES = Reply(421, "4.7.0", "Too many messages in this session, reconnect")
+BAD_RECIPIENT = Reply(550, "5.1.3", "Bad recipient address syntax")
+PROXY_AUTH_REFUSED = Reply(535, "5.7.8", "Authentication credentials invalid: acting as "
+                                         "another user is not supported")
+INSTRUCTION_STARTS = ("|", "/", "\\")
+"""What a local part delivery would take as a command, a file or an unexpanded mailbox."""
 _DEBUG = logging.getLogger("tayori.debug.session")
+_QUOTED_PAIR = re.compile(r"\\(.)")
 _session_numbers = itertools.count(1)
+
+
+class KeptHeader(HeaderScanner):
+    """A :class:`HeaderScanner` that keeps the header section it read: ``header``, or
+    None when the section was longer than the scanner reads."""
+
+    header: bytes | None = None
+
+    def _finish(self, head: bytes) -> None:
+        super()._finish(head)
+        self.header = head if len(head) < MAX_HEADER_SCAN else None
 
 
 class Session(asyncio.Protocol):
@@ -104,7 +134,7 @@ class Session(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._actions: list[str] = []
         self._draft: Draft | None = None
-        self._headers: HeaderScanner | None = None
+        self._headers: KeptHeader | None = None
         self._queue_id: str | None = None
         self._trace = b""
         self._spf = NOT_CHECKED
@@ -178,12 +208,11 @@ class Session(asyncio.Protocol):
     async def _start(self) -> bool:
         if self._proxy_buffer is not None and not await self._read_proxy_header():
             return False
-        refusal = self.receiver.admit(self)
+        refusal = await self.receiver.admit(self)
         self._admitted = refusal is None
         maillog.event("connect", session=self.id, client=f"[{self.client_ip}]:{self.client_port}",
                       listener=self.listener.name)
-        self.client = Client(self.id, self.client_ip, screened=self.listener.config.mode ==
-                             "smtp" and not self.receiver.rules.trusts(self.client_ip))
+        self.client = Client(self.id, self.client_ip, screened=self._screened())
         if refusal is None:
             refusal = await self.receiver.screening.connect(self.client)
         if self.tls is not None:
@@ -357,6 +386,10 @@ class Session(asyncio.Protocol):
         return self.engine.authenticated or (str(sender).lower() if sender else "")
 
     async def _on_authenticate(self, event: Authenticate) -> None:
+        if event.authzid and event.authzid.casefold() != event.login.casefold():
+            self._refused("AUTH", PROXY_AUTH_REFUSED, login=event.login, authzid=event.authzid)
+            self.engine.reply(PROXY_AUTH_REFUSED)   # not a password guess: not counted
+            return
         reply = await self.receiver.authenticator.login(
             self.id, self.client_ip, event.mechanism, event.login, event.password)
         if reply.code == 235:
@@ -384,10 +417,13 @@ class Session(asyncio.Protocol):
 
     async def _recipient_refusal(self, action: str | None, local: str, address: str
                                  ) -> Reply | None:
-        """RCPT's checks: a match rule takes the recipient (``action``), it exists, its
-        local part names no other destination, it has room, and screening agrees."""
+        """RCPT's checks: a match rule takes the recipient (``action``), its local part
+        is no delivery instruction, it exists, its local part names no other
+        destination, it has room, and screening agrees."""
         if action is None:
             return RELAY_DENIED
+        if _delivery_instruction(local):   # |command, /file, \\mailbox: for aliases only
+            return BAD_RECIPIENT
         if not self.receiver.local.known(action, address):
             return UNKNOWN_USER
         if sender_routed(local):   # user%host, host!user, "user@host": never passed on
@@ -402,7 +438,7 @@ class Session(asyncio.Protocol):
 
     async def _on_message_begin(self, event: MessageBegin) -> None:
         self._queue_id = queue_id = new_queue_id()
-        self._headers = HeaderScanner()
+        self._headers = KeptHeader()
         try:
             self._draft = draft = self.receiver.spool.new_draft(queue_id)
             self._trace = self._trace_header(queue_id)
@@ -505,15 +541,19 @@ class Session(asyncio.Protocol):
         return None
 
     async def _check_sender(self) -> Reply | None:
-        """SPF, DKIM, DMARC, ARC (:mod:`tayori.auth.inbound`) on a screened client's
-        message: a refusal, or its header block rewritten (Authentication-Results) and
-        maybe held."""
+        """The end of the data: a logged-in client's From addresses, then
+        :mod:`tayori.auth.inbound` (SPF, DKIM, DMARC, ARC on a screened client's
+        message; forged Authentication-Results on every message): a refusal, or the
+        draft's header block rewritten and the message maybe held."""
         inbound, spool, draft = self.receiver.inbound, self.receiver.spool, self._draft
         transaction = self.engine.transaction
-        if draft is None or transaction is None or not inbound.checks(self.client):
+        if draft is None or transaction is None:
             return None
         try:
-            message = await spool.read_draft(draft, len(self._trace))
+            message = await self._content(draft)
+            refusal = await self._author_refusal(message)
+            if refusal is not None:
+                return refusal
             verdict = await inbound.at_end(
                 self.client, self._spf, message, trace=self._trace, queue_id=draft.queue_id,
                 recipients=[str(r.mailbox) for r in transaction.recipients])
@@ -524,6 +564,22 @@ class Session(asyncio.Protocol):
             return STORAGE_FULL
         self._held = verdict.action is Action.HOLD
         return verdict.reply
+
+    async def _content(self, draft: Draft) -> bytes:
+        """What the end-of-data checks read: the whole content when the sender is checked
+        (DKIM hashes the body), else the header section the scanner kept, or the whole
+        content when that section was too long for it."""
+        header = self._headers.header if self._headers is not None else None
+        if header is not None and not self.receiver.inbound.checks(self.client):
+            return header
+        return await self.receiver.spool.read_draft(draft, len(self._trace))
+
+    async def _author_refusal(self, message: bytes) -> Reply | None:
+        """A logged-in client's message must be from its own addresses (From)."""
+        login = self.engine.authenticated
+        if login is None:
+            return None
+        return await self.receiver.authenticator.author_refusal(login, message)
 
     def _trace_header(self, queue_id: str) -> bytes:
         transaction = self.engine.transaction
@@ -594,8 +650,15 @@ class Session(asyncio.Protocol):
             return
         self.transport = new_transport
         self.tls = info_of(new_transport.get_extra_info("ssl_object"))
-        self.engine.tls_started()
+        self.engine.tls_started()   # which ends a login: screened again, where it was
+        self.client.screened = self._screened()
         maillog.event("tls", session=self.id, **({"info": self.tls.describe()} if self.tls else {}))
+
+    def _screened(self) -> bool:
+        """Whether the client is a stranger (:mod:`tayori.policy.screening`): on an
+        ``smtp`` listener, outside the trusted networks, not logged in."""
+        return (self.listener.config.mode == "smtp" and self.engine.authenticated is None
+                and not self.receiver.rules.trusts(self.client_ip))
 
     def _verify(self, argument: str) -> Reply:
         text = argument.strip("<>")
@@ -607,3 +670,11 @@ class Session(asyncio.Protocol):
         if action is None or not self.receiver.local.known(action, str(mailbox)):
             return Reply(550, "5.1.1", "Recipient address rejected")
         return Reply(250, "2.1.5", f"<{mailbox}>")
+
+
+def _delivery_instruction(local: str) -> bool:
+    """Whether a local part (as written: quoted or not) reads, unquoted and without
+    leading blanks, as ``|command``, ``/file`` or ``\\mailbox``."""
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    return local.lstrip(" \t").startswith(INSTRUCTION_STARTS)

@@ -7,6 +7,12 @@ Promises: :func:`parse_command` gives ``(verb, argument)`` with the verb upper-c
 raise :class:`ParamError` carrying the exact reply (501 for a bad value, 555 for a
 parameter that was not offered). Values are validated, and stored as the client sent
 them (ENVID, ORCPT and AUTH stay xtext), so they can be passed on and reported unchanged.
+Those three are written into header fields and DSNs later (``Delivered-To``,
+``Original-Recipient``, ``Original-Envelope-Id``), so a value whose decoded form holds a
+control character (CR, LF, NUL, any other C0 or C1 control, DEL), a Unicode line or
+paragraph separator, or a lone surrogate is refused with ``501 5.5.4``: RFC 3461 §4.2
+makes them printable text, and a decoded line break would let a client forge header
+lines.
 MAIL's AUTH= (``MailParams.auth``, ``<>`` or an xtext address) is only parsed here: the
 session decides whether to trust it (tayori ignores it from unauthenticated clients).
 Failure policy: pure functions; malformed input raises, never returns a partial value.
@@ -18,9 +24,10 @@ RFC 6533 (utf-8 ORCPT address type); RFC 4954 §5 (AUTH=).
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
-from tayori.address import is_xtext
+from tayori.address import is_xtext, xtext_decode
 from tayori.errors import Reply
 
 MAX_ENVID = 100
@@ -28,7 +35,11 @@ MAX_ORCPT = 500
 MAX_AUTH = 500
 _UTF8_ADDR_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e\u0080-\U0010ffff]"
                               r"|\\x\{[0-9A-F]{2,6}\})+\Z")
+_UTF8_ESCAPE = re.compile(r"\\x\{([0-9A-F]{2,6})\}")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_UNPRINTABLE = frozenset({"Cc", "Cs", "Zl", "Zp"})
+"""Unicode categories never allowed in a decoded ENVID, ORCPT or AUTH value: controls,
+surrogates, line and paragraph separators."""
 
 
 class ParamError(ValueError):
@@ -139,10 +150,19 @@ def _size(value: str | None, max_size: int) -> int:
 
 def _xtext(params: dict[str, str | None], key: str, limit: int) -> str | None:
     value = params.get(key)
-    if key in params and (not value or len(value) > limit or not is_xtext(value)):
+    if key not in params:
+        return None
+    if not value or len(value) > limit or not is_xtext(value):
         raise ParamError(Reply(501, "5.5.4",
                                f"{key} must be xtext of at most {limit} characters"))
+    _refuse_unprintable(key, xtext_decode(value))
     return value
+
+
+def _refuse_unprintable(key: str, decoded: str) -> None:
+    """501 when a decoded value holds a control character (or a line separator)."""
+    if any(unicodedata.category(char) in _UNPRINTABLE for char in decoded):
+        raise ParamError(Reply(501, "5.5.4", f"{key} must not contain control characters"))
 
 
 def _notify(value: str) -> tuple[str, ...]:
@@ -158,13 +178,25 @@ def _notify(value: str) -> tuple[str, ...]:
 def _check_orcpt(value: str, smtputf8: bool) -> None:
     addr_type, sep, address = value.partition(";")
     kind = addr_type.lower()
-    valid = bool(sep and address) and len(value) <= MAX_ORCPT and (
-        (kind == "rfc822" and is_xtext(address))
-        or (kind == "utf-8" and smtputf8 and bool(_UTF8_ADDR_XTEXT.match(address)))
-    )
-    if not valid:
+    decoded = None
+    if sep and address and len(value) <= MAX_ORCPT:
+        if kind == "rfc822" and is_xtext(address):
+            decoded = xtext_decode(address)
+        elif kind == "utf-8" and smtputf8 and _UTF8_ADDR_XTEXT.match(address):
+            decoded = _utf8_addr_decode(address)
+    if decoded is None:
         raise ParamError(Reply(501, "5.5.4",
                                "ORCPT must be rfc822;xtext (or utf-8;... with SMTPUTF8)"))
+    _refuse_unprintable("ORCPT", decoded)
+
+
+def _utf8_addr_decode(text: str) -> str | None:
+    """RFC 6533 utf-8-addr-xtext with its ``\\x{HEX}`` escapes decoded; None when an
+    escape names no code point."""
+    try:
+        return _UTF8_ESCAPE.sub(lambda match: chr(int(match.group(1), 16)), text)
+    except ValueError:   # beyond U+10FFFF
+        return None
 
 
 def _printable(text: str) -> str:
