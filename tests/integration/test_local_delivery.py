@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from test_sendmail import run_sendmail
 
 from harness import Tayori, free_port, queued_id, wait_for
 from tayori.testing.peer import SmtpPeer
@@ -279,3 +282,40 @@ def test_mbox_action(make_tayori: Callable[..., Tayori]) -> None:
     assert text.startswith(b"From alice@example.net ") and text.count(b">From here on\n") == 3
     assert b"Delivered-To: u@tayori.test\n" in text
     assert not (tayori.root / "mail" / "u.mbox.lock").exists()
+
+
+def test_a_received_local_part_is_never_a_command_or_a_file(
+        make_tayori: Callable[..., Tayori]) -> None:
+    """``|command``, ``/file`` and ``\\user`` exist only in what an alias or a .forward
+    made: a local part as received, from a client or a local user's sendmail, is an
+    address (its ``/`` refused 550 5.1.3), and nothing runs or is written."""
+    with tempfile.TemporaryDirectory(prefix="t") as name:   # short: local parts are <= 64
+        where = Path(name)
+        program = where / "prog@tayori.test"
+        program.write_text(f"#!/bin/sh\ntouch {where}/ran\n")
+        program.chmod(0o755)
+        recipients = [f"|{where}/prog@tayori.test", f"{where}/file@tayori.test"]
+        tayori = make_tayori(deliver=True)
+        bounces = _send_as_client(tayori, recipients) + 2   # + the sendmail copies
+        result = run_sendmail("-C", str(tayori.config_path), "-i", *recipients,
+                              data=MESSAGE)
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: tayori.log().count("bounced queue_id=") >= bounces,
+                 what="every recipient to bounce")
+        assert tayori.log().count('reply="550 5.1.3') >= bounces
+        assert sorted(path.name for path in where.iterdir()) == ["prog@tayori.test"]
+
+
+def _send_as_client(tayori: Tayori, recipients: list[str]) -> int:
+    """Send to those of ``recipients`` that RCPT accepts (the session may refuse them
+    already); how many it accepted."""
+    with tayori.client() as client:
+        client.greeting_and_ehlo()
+        client.expect_cmd("MAIL FROM:<>", 250)
+        accepted = [rcpt for rcpt in recipients
+                    if client.cmd(f"RCPT TO:<{rcpt}>").code == 250]
+        if accepted:
+            client.expect_cmd("DATA", 354)
+            client.send(MESSAGE + b".\r\n")
+            client.expect(250)
+    return len(accepted)

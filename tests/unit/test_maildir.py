@@ -329,6 +329,28 @@ def test_created_parents_and_ownership(tmp_path: Path) -> None:
         assert (path.stat().st_uid, path.stat().st_gid) == owner, path
 
 
+def test_no_link_put_in_place_of_a_directory_being_made_is_followed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone puts a link where a missing parent is about to be made (the race a
+    user who may write above the Maildir could try): the delivery fails (451 4.2.0), and
+    nothing is made where the link points."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    real_mkdir = os.mkdir
+
+    def racing_mkdir(path: str, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        if os.path.basename(path) == "parent":
+            os.symlink(elsewhere, path, dir_fd=dir_fd)
+        real_mkdir(path, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "mkdir", racing_mkdir)
+    with pytest.raises(MaildirError) as caught:
+        put(tmp_path / "parent" / "box", spool_file(tmp_path, message()))
+    assert caught.value.reply.status == "4.2.0"
+    assert str(tmp_path / "parent") in caught.value.reply.text
+    assert list(elsewhere.iterdir()) == []
+
+
 # --- quota ------------------------------------------------------------------------------
 
 

@@ -107,6 +107,12 @@ CONNINFO = checked(STRING, "connection string", '"host=/run/postgresql dbname=ma
                    '"postgresql://user@host/db"', _conninfo)
 
 
+def _forward_path(text: str) -> str:
+    if not text.endswith(".forward"):
+        raise BadValue(f"{text!r} does not end in .forward")
+    return text
+
+
 def _sign_for(items: list[str]) -> tuple[str, ...]:
     unknown = [item for item in items if item not in ("authenticated", "trusted")]
     if unknown:
@@ -544,8 +550,11 @@ class ActionConfig:
                             "targets; `\\user` keeps a copy in the user's own mailbox; "
                             "`|command` and `/file` run as that user). The file must belong "
                             "to the user (or root) and be writable by nobody else.")
-    forward_path: str = setting("{home}/.forward", STRING, "`maildir`, with `forward`: where "
-                                "the file is; `{home}` and `{user}` are replaced.")
+    forward_path: str = setting("{home}/.forward", checked(
+        STRING, "path template", 'a path ending in ".forward", with {home} and {user}',
+        _forward_path), "`maildir`, with `forward`: where the file is; `{home}` and "
+        "`{user}` are replaced. Its name ends in `.forward` (the privileged helper reads "
+        "no other files for tayori).")
     timeout: float = setting(600.0, DURATION, "`pipe`, and `|command` targets of a `maildir` "
                              "action: how long the command may run; then it is killed and "
                              "the delivery deferred.", shown_default='"10m"')

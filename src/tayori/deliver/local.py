@@ -9,10 +9,17 @@ match rules like mail tayori writes itself); the alias is reported ``expanded``.
 ``.forward`` (:mod:`tayori.route.forward`) is expanded the same way, after the aliases;
 its targets carry the account as their ``owner``, so that its ``|command`` and
 ``/file`` targets run as that account. ``\\user`` targets (and a ``.forward``'s own
-address) go straight to that mailbox, never expanded again.
+address) go straight to that mailbox, never expanded again, and a recipient that an
+account's ``.forward`` made is not expanded by that ``.forward`` again.
 ``|command`` targets run through :mod:`tayori.deliver.pipe`; ``/path`` targets are
-appended to an mbox file (:mod:`tayori.deliver.mbox`). Expansion deeper than
-:data:`~tayori.route.local.MAX_DEPTH` (a loop through addresses) is ``554 5.4.6``.
+appended to an mbox file (:mod:`tayori.deliver.mbox`). These three forms exist only in
+recipients an expansion made (depth above 0): a recipient as received (SMTP, sendmail)
+is always an address, whatever its local part starts with (a ``/`` in it is then
+refused ``550 5.1.3`` below). Expansion deeper than
+:data:`~tayori.route.local.MAX_DEPTH` (a loop through addresses) is ``554 5.4.6``, and
+so is one that would take the message's recipient rows past ``limits.max_recipients``
+plus :data:`~tayori.route.forward.MAX_TARGETS` (judged by the expanded recipient's
+row: rows are only ever appended, so a fan-out through addresses stays bounded).
 Promises: the mailbox path is the action's ``path`` with ``{user}`` (the local part,
 lower-cased, without a ``+tag``) and ``{domain}`` (the A-label domain, lower-cased)
 filled in; a local part that could leave the mail directory (``/``, a leading dot, NUL,
@@ -21,16 +28,19 @@ written by :func:`tayori.deliver.maildir.deliver` on a worker thread (fsync'd an
 renamed into ``new/`` before the result says delivered), with ``Return-Path`` and
 ``Delivered-To`` added. Results are final (``delivered`` in a DSN).
 Ownership: without ``owner`` the files belong to the user tayori runs as; with
-``owner`` (one account, or ``"recipient"``: the account the local part names) a root
-tayori chowns what it creates, and a tayori that dropped its privileges to ``user``
-has the privileged helper (:mod:`tayori.deliver.privileged`) write them; the same
-helper runs commands and appends files as another account.
+``owner`` (one account, or ``"recipient"``: the account the local part names) that is
+not the user tayori runs as, the privileged helper (:mod:`tayori.deliver.privileged`)
+writes the Maildir as that account, also when tayori runs as root (root never writes
+into a directory a user controls); the same helper runs commands and appends files as
+another account.
 Failure policy: :class:`~tayori.deliver.maildir.MaildirError` replies as they are
 (temporary for disk and permission problems: mail waits for the operator, it does not
-bounce); no helper where one is needed is ``451 4.3.5``; anything unexpected reaches
-the queue manager, which answers ``451 4.3.0``.
+bounce); no helper where one is needed, and an owner the password database cannot
+find now (``owner``, a ``.forward``'s account), is ``451 4.3.5``: the queue's lifetime
+ends it, never a delivery as tayori; anything unexpected reaches the queue manager,
+which answers ``451 4.3.0``.
 Config keys: ``actions.NAME.path``, ``.owner``, ``.forward``, ``.forward_path``,
-``.run_as``, ``.timeout``, ``hostname``.
+``.run_as``, ``.timeout``, ``hostname``, ``limits.max_recipients``.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import asyncio
 import functools
 import os
 import pwd
+from dataclasses import dataclass
 
 from tayori import maillog
 from tayori.address import AddressError, parse_mailbox, xtext_decode, xtext_encode
@@ -50,7 +61,7 @@ from tayori.errors import Reply
 from tayori.policy.relay import Rules
 from tayori.queue.spool import RecipientRecord
 from tayori.queue.store import Claim
-from tayori.route.forward import ForwardUnavailable, forward_of, system_account
+from tayori.route.forward import MAX_TARGETS, ForwardUnavailable, forward_of, system_account
 from tayori.route.local import (
     MAX_DEPTH,
     OWNER_RECIPIENT,
@@ -59,6 +70,14 @@ from tayori.route.local import (
     MailboxPathError,
     mailbox_path,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Mailbox:
+    """A recipient's Maildir, and the address it is delivered as (``Delivered-To``)."""
+
+    path: str
+    address: str
 
 
 class LocalDeliverer:
@@ -76,31 +95,27 @@ class LocalDeliverer:
         """One result per recipient. The plain mailbox deliveries of the job go to the
         disk in one worker-thread call (one hand-off per message, not per recipient)."""
         results: list[Result | None] = []
-        mailboxes: list[tuple[int, Claim, str]] = []
+        mailboxes: list[tuple[int, _Mailbox]] = []
         for claim in job.recipients:
             routed = await self._route(job, claim)
-            if isinstance(routed, str):
-                mailboxes.append((len(results), claim, routed))
+            if isinstance(routed, _Mailbox):
+                mailboxes.append((len(results), routed))
             results.append(routed if isinstance(routed, Result) else None)
         if mailboxes:
             written = await asyncio.get_running_loop().run_in_executor(
-                None, self._write_all, job, [(claim, path) for _, claim, path in mailboxes])
-            for (index, _, _), result in zip(mailboxes, written, strict=True):
+                None, self._write_all, job, [box for _, box in mailboxes])
+            for (index, _), result in zip(mailboxes, written, strict=True):
                 results[index] = result
         return [result or Result(Reply(451, "4.3.0", "not delivered")) for result in results]
 
-    async def _route(self, job: Delivery, claim: Claim) -> Result | str:
+    async def _route(self, job: Delivery, claim: Claim) -> Result | _Mailbox:
         """The result for a recipient that needs no mailbox write (pipe, file, alias,
-        ``.forward``, catch-all, refusal), or the path of its mailbox."""
+        ``.forward``, catch-all, refusal), or its mailbox."""
+        if claim.depth > 0:   # only an alias or a .forward makes the special forms
+            special = await self._special(job, claim)
+            if special is not None:
+                return special
         address = claim.address
-        if address.startswith("|"):
-            return await self._pipe(job, claim)
-        if address.startswith("/"):
-            original = xtext_decode(claim.orcpt.split(";", 1)[1]) if claim.orcpt else address
-            return await asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(_append, address, job, claim, delivered_to=original))
-        if address.startswith("\\"):   # \user: its own mailbox, no alias, no .forward
-            return self._mailbox(job, address[1:])
         try:
             targets = self.local.expand(job.action_name, address)
             if targets is not None and claim.depth >= MAX_DEPTH:
@@ -118,12 +133,26 @@ class LocalDeliverer:
             return self._expanded(job, claim, [catch_all])
         return self._mailbox(job, address)
 
+    async def _special(self, job: Delivery, claim: Claim) -> Result | _Mailbox | None:
+        """An expansion's ``|command``, ``/file`` or ``\\user`` target; None for an
+        address."""
+        address = claim.address
+        if address.startswith("|"):
+            return await self._pipe(job, claim)
+        if address.startswith("/"):
+            original = xtext_decode(claim.orcpt.split(";", 1)[1]) if claim.orcpt else address
+            return await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(_append, address, job, claim, delivered_to=original))
+        if address.startswith("\\"):   # \user: its own mailbox, no alias, no .forward
+            return self._mailbox(job, address[1:])
+        return None
+
     async def _forward(self, job: Delivery, claim: Claim) -> Result | None:
         """The recipient's ``.forward`` expanded; None when it has none."""
         try:
             forward = await asyncio.get_running_loop().run_in_executor(
                 None, forward_of, job.action.forward_path, claim.address,
-                job.action.subaddress)
+                job.action.subaddress, claim.owner)
         except ForwardUnavailable as exc:
             maillog.warning("forward-unavailable", queue_id=job.message.queue_id,
                             recipient=claim.address, reason=str(exc))
@@ -135,29 +164,29 @@ class LocalDeliverer:
         return self._expanded(job, claim, list(forward.targets), owner=forward.user)
 
     @staticmethod
-    def _mailbox(job: Delivery, address: str) -> Result | str:
+    def _mailbox(job: Delivery, address: str) -> Result | _Mailbox:
         try:
-            return mailbox_path(job.action.path, address, job.action.subaddress)
+            return _Mailbox(mailbox_path(job.action.path, address, job.action.subaddress),
+                            address)
         except MailboxPathError:
             return Result(Reply(550, "5.1.3", "this local part cannot name a mailbox"))
 
-    def _write_all(self, job: Delivery, mailboxes: list[tuple[Claim, str]]) -> list[Result]:
+    def _write_all(self, job: Delivery, mailboxes: list[_Mailbox]) -> list[Result]:
         """On a worker thread: the copies tayori may write itself in one batch
-        (:func:`tayori.deliver.maildir.deliver_copies`), those of other owners through
-        the privileged helper."""
+        (:func:`tayori.deliver.maildir.deliver_copies`), those of another owner through
+        the privileged helper, as that owner."""
         outcomes: list[str | maildir.MaildirError | None] = [None] * len(mailboxes)
         batch: list[tuple[int, maildir.Copy]] = []
         euid = os.geteuid()
-        for index, (claim, path) in enumerate(mailboxes):
-            address = claim.address.lstrip("\\")
+        for index, box in enumerate(mailboxes):
+            copy = maildir.Copy(box.path, box.address, _folder(job.action, box.address),
+                                quota=quota_of(job.action))
             try:
-                owner = _owner(job.action, address)
+                owner = _owner(job.action, box.address)
             except maildir.MaildirError as exc:
                 outcomes[index] = exc
                 continue
-            copy = maildir.Copy(path, address, _folder(job.action, address),
-                                owner if euid == 0 else None, quota_of(job.action))
-            if owner is None or euid == 0 or owner[0] == euid:
+            if owner is None or owner[0] == euid:
                 batch.append((index, copy))
             else:
                 outcomes[index] = self._through_helper(job, owner[0], copy)
@@ -166,8 +195,8 @@ class LocalDeliverer:
                                          hostname=self.config.hostname)
         for (index, _), outcome in zip(batch, written, strict=True):
             outcomes[index] = outcome
-        return [self._result(job.action, path, outcome)
-                for (_, path), outcome in zip(mailboxes, outcomes, strict=True)]
+        return [self._result(job.action, box.path, outcome)
+                for box, outcome in zip(mailboxes, outcomes, strict=True)]
 
     @staticmethod
     def _result(action: ActionConfig, path: str,
@@ -218,6 +247,9 @@ class LocalDeliverer:
                                            depth=claim.depth + 1, owner=owner))
         if not records:
             return Result(Reply(550, "5.1.1", f"the alias {claim.address} leads nowhere"))
+        if claim.index + len(records) > self.config.limits.max_recipients + MAX_TARGETS:
+            return Result(Reply(554, "5.4.6", f"{claim.address} expands into too many "
+                                "recipients for one message"))
         return Result(Reply(250, "2.1.5", f"alias expanded into {len(records)} "
                             "recipient(s)"), target="aliases", final=True,
                       expanded=tuple(records))
@@ -263,8 +295,12 @@ def _domain_of(address: str) -> str:
 def _append(path: str, job: Delivery, claim: Claim, *, delivered_to: str,
             make_parents: bool = False) -> Result:
     """Append to an mbox file (:mod:`tayori.deliver.mbox`): as tayori, or as the
-    ``.forward``'s owner through the privileged helper."""
+    ``.forward``'s owner through the privileged helper (deferred while that account
+    cannot be looked up: never as tayori instead)."""
     account = _account(claim.owner) if claim.owner else None
+    if claim.owner and account is None:
+        return Result(Reply(451, "4.3.5", f"cannot append to {path} as {claim.owner}: "
+                            "no such account now"), target=f"file:{path}")
     try:
         with open(job.path, "rb") as source:
             if account is None or account.pw_uid == os.geteuid():
@@ -286,20 +322,28 @@ def _append(path: str, job: Delivery, claim: Claim, *, delivered_to: str,
 
 
 def _account(user: str) -> pwd.struct_passwd | None:
+    """The account named ``user``; None when the password database does not say."""
     try:
         return pwd.getpwnam(user)
-    except KeyError:
+    except (KeyError, OSError):
         return None
 
 
 def _owner(action: ActionConfig, address: str) -> tuple[int, int] | None:
-    """The (uid, gid) that owns the recipient's Maildir; None: whoever tayori runs as."""
+    """The (uid, gid) that owns the recipient's Maildir; None: whoever tayori runs as.
+    An account that cannot be looked up defers the delivery (the password database may
+    be failing; the queue's lifetime ends it): :class:`~tayori.deliver.maildir.MaildirError`
+    ``451 4.3.5``."""
     if not action.owner:
         return None
     if action.owner == OWNER_RECIPIENT:
-        account = system_account(address, action.subaddress)
+        try:
+            account = system_account(address, action.subaddress)
+        except OSError:
+            account = None
         if account is None:
-            raise maildir.MaildirError(Reply(550, "5.1.1", "no such system account"))
+            raise maildir.MaildirError(Reply(451, "4.3.5", "no system account for this "
+                                             "recipient now"))
     else:
         account = _account(action.owner)
         if account is None:

@@ -48,14 +48,18 @@ Promises:
   they are created in, mode 0711: a shared virtual-mail base owned by ``vmail`` stays
   ``vmail``'s all the way down (so Dovecot, running as ``vmail``, can make mailboxes
   there itself), and a root-owned base does not end up owned by the first user who got
-  mail. Every directory created is made durable (its parent fsync'd); a process's first
-  delivery into a mailbox also fsyncs the Maildir and its parent, so a mailbox another
-  process was just creating is durable before this process says "delivered".
+  mail. Each directory is made and opened relative to the one above it, never through a
+  symbolic link (:func:`make_root`). Every directory created is made durable (its
+  parent fsync'd); a process's first delivery into a mailbox also fsyncs the Maildir
+  and its parent (when it may read it), so a mailbox another process was just creating
+  is durable before this process says "delivered".
 - Directories inside the Maildir are opened with ``O_NOFOLLOW`` and the file made and
   linked relative to them: a symbolic link put in place of ``new/`` or ``tmp/`` by
   whoever owns the Maildir makes delivery fail (``451 4.2.0``) rather than write
-  elsewhere. (Root delivering into directories that users control is still best done by
-  a helper running as the user, DESIGN's OpenSMTPD/Postfix lesson.)
+  elsewhere. The root itself is opened through links (the operator's path may have
+  some), so tayori never writes a Maildir that another account owns as root: the
+  privileged helper writes it as that account (:mod:`tayori.deliver.privileged`,
+  DESIGN's OpenSMTPD/Postfix lesson), and ``owner`` is for what root must create.
 - Quota: with a :class:`Quota`, the mailbox's usage (:func:`usage`: the messages in
   ``new/`` and ``cur/`` of the root and of every ``.folder``, sized by the ``S=`` in their
   names, by ``stat`` otherwise) plus this message must stay within both limits, or the
@@ -275,7 +279,7 @@ def _stage(stack: contextlib.ExitStack, copy: Copy, header: bytes, body: _Body,
         target = stack.enter_context(_Target.open(root, copy.folder, copy.owner))
         staged = target.write(header, body, host, copy.owner, copy.quota)
     except OSError as exc:
-        return MaildirError(_reply_for(exc, root))
+        return MaildirError(reply_for(exc, root))
     except MaildirError as exc:
         return exc
     stack.callback(staged.discard)
@@ -290,7 +294,7 @@ def _attempt(step: _Staged | MaildirError,
         action(step)
     except OSError as exc:
         step.discard()
-        return MaildirError(_reply_for(exc, step.target.root_path))
+        return MaildirError(reply_for(exc, step.target.root_path))
     except MaildirError as exc:
         step.discard()
         return exc
@@ -338,7 +342,7 @@ class _Target:
         try:
             self.root = self._keep(os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW))
         except FileNotFoundError:
-            _make_root(root, owner)
+            make_root(root, owner)
             self.root = self._keep(os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW))
         key = (root, folder)
         first = key not in _known   # this process's first delivery into this box
@@ -355,8 +359,10 @@ class _Target:
             if folder:
                 with _naming(self.box_path, "maildirfolder"):
                     self._mark_folder(owner)
-            # Another process may have just made these and not yet fsync'd them.
-            _fsync_path(os.path.dirname(root))
+            # Another process may have just made these and not yet fsync'd them. A parent
+            # this process may not read (0711, root's) is the privileged helper's to sync.
+            with contextlib.suppress(PermissionError):
+                _fsync_path(os.path.dirname(root))
             self.dirty.update((self.root, self.box))
         for fd in self.dirty:
             os.fsync(fd)
@@ -549,31 +555,56 @@ def _naming(directory: str, name: str) -> Iterator[None]:
         raise
 
 
-def _make_root(root: str, owner: tuple[int, int] | None) -> None:
-    """Create the Maildir root directory and any missing parents, each made durable."""
+def make_root(root: str, owner: tuple[int, int] | None = None) -> None:
+    """Create the Maildir root ``root`` (an absolute path) and its missing parents, each
+    made durable; nothing when it exists. Each directory is made and opened relative to
+    the one above it, never through a symbolic link: one put in the place of a directory
+    being made fails the call (``ELOOP``, ``ENOTDIR``). With ``owner`` the root is
+    ``owner``'s and the parents take the owner and group of the nearest existing
+    ancestor (see the module's contract). Raises OSError (``filename``: the full path)."""
     missing: list[str] = []
     path = root
     while not os.path.lexists(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    above = os.stat(path)   # the nearest existing ancestor (ENOTDIR when it is a file)
-    for directory in reversed(missing):
-        is_root = directory == root
-        try:
-            os.mkdir(directory, MAILDIR_MODE if is_root else PARENT_MODE)
-        except FileExistsError:   # made meanwhile by a concurrent delivery
-            if not os.path.isdir(directory):
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
-                                         directory) from None
-            continue
-        os.chmod(directory, MAILDIR_MODE if is_root else PARENT_MODE)  # whatever the umask
-        if owner is not None:
-            os.chown(directory, *(owner if is_root else (above.st_uid, above.st_gid)),
-                     follow_symlinks=False)
-        _fsync_path(os.path.dirname(directory))
+        path, name = os.path.split(path)
+        missing.append(name)
+    if not missing:
+        return
+    fd = os.open(path, _DIR_FLAGS & ~os.O_NOFOLLOW)   # ENOTDIR when it is a file
+    above = os.fstat(fd)
+    parents = None if owner is None else (above.st_uid, above.st_gid)
+    names = missing[::-1]
+    for index, name in enumerate(names):
+        is_root = index == len(names) - 1
+        fd = _make_dir(fd, path, name, MAILDIR_MODE if is_root else PARENT_MODE,
+                       owner if is_root else parents)
+        path = os.path.join(path, name)
+    os.close(fd)
+
+
+def _make_dir(parent: int, parent_path: str, name: str, mode: int,
+              owner: tuple[int, int] | None) -> int:
+    """The directory ``name`` in ``parent``, made when missing (``mode``, ``owner``) and
+    opened without following a link; ``parent`` is closed."""
+    try:
+        with _naming(parent_path, name):
+            try:
+                os.mkdir(name, mode, dir_fd=parent)
+                created = True
+            except FileExistsError:   # made meanwhile by a concurrent delivery
+                created = False
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            if created:
+                try:
+                    os.fchmod(fd, mode)   # whatever the umask
+                    if owner is not None:
+                        os.fchown(fd, *owner)
+                    os.fsync(parent)
+                except OSError:
+                    os.close(fd)
+                    raise
+            return fd
+    finally:
+        os.close(parent)
 
 
 def _fsync_path(directory: str) -> None:
@@ -680,7 +711,7 @@ def _printable(path: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in path)
 
 
-def _reply_for(exc: OSError, root: str) -> Reply:
+def reply_for(exc: OSError, root: str) -> Reply:
     if exc.errno == errno.ENOSPC:
         return NO_SPACE
     if exc.errno == errno.EDQUOT:

@@ -84,7 +84,8 @@ is killed by a signal                  ``451 4.3.0`` (temporary, as Postfix)
 runs past ``timeout``                  ``451 4.3.0`` "command timed out after Ns"
 cannot be run (not found, not          ``451 4.3.5``
 executable, a bad command line, an
-unknown or impossible ``user``)
+unknown or impossible ``user``, no
+privileged helper serving)
 cannot be started (fork fails...)      ``451 4.3.0``
 =====================================  ============================================
 
@@ -355,7 +356,10 @@ class _Process(Protocol):
 class _HelperProcess:
     """A program the privileged helper runs as its user: our ends of its standard input
     and output pipes, and the connection that brings its wait status. Killing it is
-    hanging up: the helper then kills the program's process group."""
+    hanging up: the helper then kills the program's process group. :meth:`start` sends
+    nothing unless root serves the helper's socket; it raises
+    :class:`~tayori.deliver.privileged.HelperUnavailable` (the delivery answers
+    ``451 4.3.5``) when the helper does not serve."""
 
     def __init__(self, conn: socket.socket, stdin: asyncio.BaseTransport,
                  output: asyncio.BaseTransport) -> None:
@@ -372,11 +376,15 @@ class _HelperProcess:
         output_read, output_write = os.pipe()
         try:
             await loop.sock_connect(conn, address)
+            privileged.check_server(conn)
             socket.send_fds(conn, [request], [stdin_read, output_write, output_write])
-        except OSError:
+        except (OSError, privileged.HelperUnavailable) as exc:
             conn.close()
             os.close(stdin_write)
             os.close(output_read)
+            if isinstance(exc, OSError):
+                raise privileged.unavailable(f"the privileged helper did not answer: "
+                                             f"{_strerror(exc)}") from None
             raise
         finally:
             os.close(stdin_read)
@@ -484,6 +492,9 @@ class _Run:
             transport = self.process = await self._start(protocol)
         except OSError as exc:
             return self._not_started(exc)
+        except privileged.HelperUnavailable as exc:
+            return Reply(451, "4.3.5", f"cannot run the command {_printable(self.argv[0])} "
+                         f"as its user: {exc}")
         self.pid = transport.get_pid()
         feeder = asyncio.create_task(self._feed(transport, protocol))
         try:

@@ -8,31 +8,52 @@ client functions below (:func:`write_maildir`, :func:`append_file`, :func:`read_
 and from pipe deliveries (:func:`exec_request`, sent by :mod:`tayori.deliver.pipe`).
 
 Promises:
-- One small process stays root: it listens on an abstract unix socket named after the
-  spool (nothing on disk), accepts a connection only from a process running as
-  tayori's user or as root (``SO_PEERCRED``; others are closed unread), and forks a
-  child per request. The listening process itself never parses a request.
+- Two small processes stay root. The keeper holds the listening socket, an abstract
+  unix socket named after the spool (nothing on disk), so that the name stays tayori's,
+  and runs the server in a child, started again (logged ``privileged-helper-died``)
+  whenever it dies. The server accepts a connection only from a process running as
+  tayori's user or as root (``SO_PEERCRED``; others are closed unread) and forks a child
+  per request; neither parses a request. A failure while accepting (``fork`` refused
+  with ``EAGAIN`` or ``ENOMEM``, ``EMFILE``...) drops that one connection (the client
+  answers 451) and is logged; the server goes on.
+- The clients check that root serves the socket (``SO_PEERCRED`` of the server) before
+  they send anything: should both helper processes be gone, a local user who binds the
+  name gets no spool descriptor and cannot fake an answer; the request fails
+  (:class:`HelperUnavailable`, logged ``privileged-helper-unavailable``) and mail waits.
 - The child serves the request, one datagram with the spool body's descriptor
-  attached (``SCM_RIGHTS``: the user never needs read access to the spool):
-  ``maildir`` writes into a Maildir owned by the account (exactly as a root tayori does,
-  :func:`tayori.deliver.maildir.deliver_from` with ``owner``); ``append`` (an mbox
-  file), ``read`` (a ``.forward`` file) and ``exec`` (a command) first become the
-  account (supplementary groups, gid, uid), so the kernel checks that user's rights.
-- ``read`` returns a file only when it is a regular file owned by the account or root
-  and writable by nobody else (sendmail's and Postfix's rule for ``.forward``), at most
-  :data:`MAX_FORWARD` bytes.
+  attached (``SCM_RIGHTS``: the user never needs read access to the spool). Every
+  operation runs as the account (supplementary groups, gid, uid), so the kernel checks
+  that user's rights, and root follows no link a user controls: ``maildir`` first
+  creates, as root, what the account may not (the missing Maildir root and parents,
+  :func:`tayori.deliver.maildir.make_root`: relative to the directory above, no link
+  followed; and not at all when a symbolic link on the existing part of the path is
+  not root's), then writes the message as the account
+  (:func:`tayori.deliver.maildir.deliver_from` without ``owner``): a Maildir replaced by
+  a link to a directory the account cannot write gets nothing. ``append`` (an mbox
+  file), ``read`` (a ``.forward`` file) and ``exec`` (a command) run as the account
+  only.
+- ``read`` returns a file only when its name is ``.forward`` or ends in ``.forward``
+  (what ``forward_path`` must name: the helper serves no other file), and it is a
+  regular file owned by the account or root and writable by nobody else (sendmail's
+  and Postfix's rule for ``.forward``), at most :data:`MAX_FORWARD` bytes.
 - ``exec`` runs the command in a session of its own with the caller's standard input,
   output and error, and reports its wait status; when the caller goes away (the pipe
   delivery's timeout killed it) the command's process group is killed.
 - Never as root: a request naming uid 0, or a uid the password database does not know,
   is refused. Any process running as tayori's user may ask for work as any other
   account; that is the trust Postfix gives the processes that talk to its local(8).
-- The helper ends with the process that started it (``PR_SET_PDEATHSIG``, and a check
-  of its parent every second).
+- The helper ends with the process that started it: the server with the keeper
+  (``PR_SET_PDEATHSIG``, and a check of its parent every second), the keeper with
+  tayori (a check every :data:`PARENT_CHECK` seconds: a tayori that dropped its
+  privileges may not send a root process its death signal). Should the keeper itself
+  die, nothing starts it again before tayori restarts: requests fail ``451 4.3.5``
+  (see below) and mail waits.
 Failure policy: a refused or failed request answers a :class:`~tayori.errors.Reply`
 (temporary: mail waits for the operator); the client functions raise
-:class:`HelperUnavailable` when no helper runs (tayori was not started as root), and the
-callers answer ``451 4.3.5``. Nothing here raises into the event loop.
+:class:`HelperUnavailable` when no helper runs (tayori was not started as root), when
+it does not answer or when not root serves its socket, and the callers answer
+``451 4.3.5``. Nothing here raises into the event loop. The helper's own problems go
+to the mail log (its file stays open in the helper).
 """
 
 from __future__ import annotations
@@ -40,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import pwd
 import select
@@ -47,9 +69,11 @@ import signal
 import socket
 import stat
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
+from tayori import maillog
 from tayori.deliver import maildir, mbox
 from tayori.errors import Reply
 from tayori.process import die_with_parent
@@ -57,6 +81,10 @@ from tayori.process import die_with_parent
 MAX_REQUEST = 1 << 16
 MAX_FORWARD = 1 << 16
 REQUEST_TIMEOUT = 300.0
+RESTART_PAUSE = 1.0    # seconds at least between two starts of the server
+PARENT_CHECK = 0.5     # seconds between two looks at the server and at tayori
+ERROR_PAUSE = 0.1      # after a failure while accepting (no busy loop on EMFILE)
+FORWARD_NAME = ".forward"
 _address: str | None = None   # set in the service's processes once the helper runs
 
 
@@ -142,17 +170,40 @@ def _ask(request: dict[str, Any], fds: list[int], *, address: str | None = None,
         conn.settimeout(timeout)
         try:
             conn.connect(address)
+            check_server(conn)
             socket.send_fds(conn, [json.dumps(request).encode()], fds)
             data = conn.recv(MAX_REQUEST)
         except OSError as exc:
-            raise HelperUnavailable(f"the privileged helper did not answer: {exc}") from None
+            raise unavailable(f"the privileged helper did not answer: {exc}") from None
     try:
         answer = json.loads(data)
     except ValueError:
-        raise HelperUnavailable("the privileged helper answered nothing") from None
+        raise unavailable("the privileged helper answered nothing") from None
     if not isinstance(answer, dict):
-        raise HelperUnavailable("the privileged helper answered nonsense")
+        raise unavailable("the privileged helper answered nonsense")
     return answer
+
+
+def check_server(conn: socket.socket) -> None:
+    """Raise :class:`HelperUnavailable` unless root serves the other end of ``conn``
+    (connected to the helper's address, which any local user may bind once the helper
+    is gone)."""
+    uid = _peer_uid(conn)
+    if uid != 0:
+        raise unavailable(f"the privileged helper's socket is served by uid {uid}, "
+                          "not by root")
+
+
+def unavailable(reason: str) -> HelperUnavailable:
+    """The error for a helper that should run but does not serve (logged: mail for
+    other accounts waits until it is back)."""
+    maillog.error("privileged-helper-unavailable", reason=reason)
+    return HelperUnavailable(reason)
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
 
 
 def _reply_of(answer: dict[str, Any]) -> Reply:
@@ -180,22 +231,98 @@ def start(spool_dir: str, client_uid: int) -> int:
         return pid
     try:
         die_with_parent()
-        _serve(listener, client_uid)
+        _keep(listener, client_uid)
     finally:
         os._exit(0)
 
 
-def _serve(listener: socket.socket, client_uid: int) -> None:
-    parent = os.getppid()
-    os.closerange(3, listener.fileno())
-    os.closerange(listener.fileno() + 1, _max_fd())
+def _keep(listener: socket.socket, client_uid: int) -> None:
+    """The keeper: holds the listening socket and runs the server, again when it dies."""
+    _close_all_but({listener.fileno(), *_log_descriptors()})
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(signum, signal.SIG_DFL)
+    parent = os.getppid()
     while os.getppid() == parent:
+        started = time.monotonic()
+        try:
+            pid = _fork_server(listener, client_uid)
+            status = _server_end(pid, parent)
+        except OSError as exc:
+            maillog.error("privileged-helper-error", reason=_reason(exc), action="retrying")
+        else:
+            if status is None:   # tayori has ended
+                return
+            maillog.error("privileged-helper-died", pid=pid,
+                          status=os.waitstatus_to_exitcode(status), action="restarting")
+        time.sleep(max(0.0, RESTART_PAUSE - (time.monotonic() - started)))
+
+
+def _server_end(pid: int, parent: int) -> int | None:
+    """The server's wait status once it ends; None (the server killed) when tayori ends
+    first. Polled: tayori, no longer root, may not send the keeper its death signal."""
+    while os.getppid() == parent:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(PARENT_CHECK)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return None
+
+
+def _fork_server(listener: socket.socket, client_uid: int) -> int:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            die_with_parent()
+            _serve(listener, client_uid)
+        finally:
+            os._exit(0)
+    return pid
+
+
+def _serve(listener: socket.socket, client_uid: int) -> None:
+    parent = os.getppid()
+    while os.getppid() == parent:
+        _serve_once(listener, client_uid)
+
+
+def _serve_once(listener: socket.socket, client_uid: int) -> None:
+    """Wait (a second at most) for a connection and hand it to a child. Nothing raised
+    here ends the server: a failure drops the one connection, is logged, and it goes on."""
+    try:
         ready, _, _ = select.select([listener], [], [], 1.0)
         _reap()
         if ready:
             _accept(listener, client_uid)
+    except Exception as exc:
+        maillog.error("privileged-helper-error", reason=_reason(exc), request="dropped")
+        time.sleep(ERROR_PAUSE)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return type(exc).__name__
+
+
+def _log_descriptors() -> set[int]:
+    """The files the mail log writes to (the helper keeps them open)."""
+    fds = set()
+    for handler in logging.getLogger("tayori").handlers:
+        stream: Any = getattr(handler, "stream", None)
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            fds.add(int(stream.fileno()))
+    return fds
+
+
+def _close_all_but(keep: set[int]) -> None:
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, _max_fd())
 
 
 def _max_fd() -> int:
@@ -209,14 +336,9 @@ def _reap() -> None:
 
 
 def _accept(listener: socket.socket, client_uid: int) -> None:
-    try:
-        conn, _ = listener.accept()
-    except OSError:
-        return
+    conn, _ = listener.accept()
     with conn:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _, uid, _ = struct.unpack("3i", creds)
-        if uid not in (client_uid, 0):
+        if _peer_uid(conn) not in (client_uid, 0):
             return
         if os.fork() == 0:
             listener.close()
@@ -267,17 +389,54 @@ def _become(account: pwd.struct_passwd) -> None:
 
 def _maildir(request: dict[str, Any], account: pwd.struct_passwd, fds: list[int],
              conn: socket.socket) -> dict[str, Any]:
+    mailbox = os.path.abspath(str(request["mailbox"]))
     limits = request["quota"]
     quota = None if limits is None else maildir.Quota(limits[0], limits[1])
     try:
+        _make_mailbox(mailbox, account)
+        _become(account)
         name = maildir.deliver_from(
-            str(request["mailbox"]), fds[0], return_path=str(request["return_path"]),
+            mailbox, fds[0], return_path=str(request["return_path"]),
             delivered_to=str(request["delivered_to"]), hostname=str(request["hostname"]),
-            folder=str(request["folder"]), owner=(account.pw_uid, account.pw_gid),
-            quota=quota)
+            folder=str(request["folder"]), quota=quota)
     except maildir.MaildirError as exc:
         return {"reply": [exc.reply.code, exc.reply.status, exc.reply.text]}
     return {"name": name}
+
+
+def _make_mailbox(mailbox: str, account: pwd.struct_passwd) -> None:
+    """As root, what the account may not create: a missing Maildir root (the account's)
+    and its missing parents. Then sync the Maildir's parent, which the account may not
+    read, in case another delivery has just made the Maildir."""
+    try:
+        if not os.path.lexists(mailbox):
+            link = _foreign_link(mailbox)
+            if link:
+                raise maildir.MaildirError(Reply(
+                    451, "4.2.0", f"Cannot deliver to mailbox {mailbox}: the symbolic link "
+                    f"{link} on its path is not root's"))
+            maildir.make_root(mailbox, (account.pw_uid, account.pw_gid))
+        fd = os.open(os.path.dirname(mailbox), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise maildir.MaildirError(maildir.reply_for(exc, mailbox)) from None
+
+
+def _foreign_link(path: str) -> str:
+    """The first symbolic link on ``path`` (absolute) that is not root's; "" if none."""
+    prefix = "/"
+    for part in path.strip("/").split("/"):
+        prefix = os.path.join(prefix, part)
+        try:
+            info = os.lstat(prefix)
+        except FileNotFoundError:
+            return ""
+        if stat.S_ISLNK(info.st_mode) and info.st_uid != 0:
+            return prefix
+    return ""
 
 
 def _append(request: dict[str, Any], account: pwd.struct_passwd, fds: list[int],
@@ -305,7 +464,10 @@ def _read(request: dict[str, Any], account: pwd.struct_passwd, fds: list[int],
 
 def read_owned_file(path: str, uid: int) -> str | None:
     """The text of a ``.forward`` that ``uid`` may use; None when there is none. Raises
-    :class:`RefusedFile` when it is unreadable or unsafe (see the module's contract)."""
+    :class:`RefusedFile` when it is unreadable or unsafe, or not named ``.forward`` or
+    ``*.forward`` (see the module's contract)."""
+    if not os.path.basename(path).endswith(FORWARD_NAME):
+        raise RefusedFile(f"its name does not end in {FORWARD_NAME} (forward_path)")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:

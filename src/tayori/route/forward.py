@@ -1,25 +1,36 @@
 """System accounts as mail recipients, and their ``.forward`` files.
 
 Takes: a recipient address of a ``maildir`` action, its subaddress delimiter, and (for
-:func:`forward_of`) the action's ``forward_path`` template.
+:func:`forward_of`) the action's ``forward_path`` template and the account whose
+``.forward`` made the recipient, if one did.
 Promises:
 - :func:`system_account` is the password-database entry named by the address's local
   part (lower-cased, without ``+tag``), or None; root is never one (mail for root is
   for an alias to name a person).
 - :func:`forward_of` reads the account's ``.forward`` (``{home}`` and ``{user}`` in the
-  template replaced) as that user: through the privileged helper when tayori runs as
-  ``user``, directly when tayori is that user or root. The file is used only when it is a
-  regular file, not a symbolic link, owned by the account or root and writable by
-  nobody else (sendmail's and Postfix's rule); an unusable one is logged and ignored,
-  as if absent, and so is an empty one. Its targets, aliases(5) syntax (commas or
-  lines, ``#`` comments, quoted ``"|command, with commas"``): addresses; bare names
-  (local to the recipient's domain); ``\\name`` (that mailbox itself, not expanded
-  again: the usual way to keep a copy) and the account's own address, which means the
-  same; ``|command`` and ``/file``, which the caller runs as the account.
+  template replaced; the file's name must be ``.forward`` or end in ``.forward``, see
+  :mod:`tayori.deliver.privileged`) as that user: through the privileged helper when
+  it runs (tayori started as root), directly when tayori is that user (or root
+  without a helper, as in tests). The file is used
+  only when it is a regular file, not a symbolic link, owned by the account or root and
+  writable by nobody else (sendmail's and Postfix's rule); an unusable one is logged
+  and ignored, as if absent, and so is an empty one. A recipient that the account's own
+  ``.forward`` made is never expanded by it again. Its targets, aliases(5) syntax
+  (commas or lines, ``#`` comments, quoted ``"|command, with commas"``): addresses;
+  bare names (local to the recipient's domain); ``\\name`` (that mailbox itself, not
+  expanded again: the usual way to keep a copy); the account's own address (in the
+  recipient's domain, with any ``+tag``, any case, any name of its uid), which means
+  ``\\account@domain``; ``|command`` and ``/file``, which the caller runs as the account.
+  Duplicates are dropped, and at most :data:`MAX_TARGETS` are kept (logged).
   ``:include:`` is not honoured in a ``.forward`` (logged).
-Failure policy: when the file cannot be read now (the helper does not answer) raises
-:class:`ForwardUnavailable`, and the delivery is deferred: mail is never delivered to
-the mailbox by mistake because its redirection could not be read.
+Failure policy: when the file cannot be read now (the helper does not answer) or the
+password database fails (OSError) raises :class:`ForwardUnavailable`, and the delivery
+is deferred: mail is never delivered to the mailbox by mistake because its redirection
+could not be read. A name the password database does not know (KeyError) has no
+``.forward``: that is what it says for "no such user", and CPython's ``pwd`` says it
+for an NSS backend that fails to answer too, which cannot be told apart (such mail goes
+to the mailbox path; an ``owner = "recipient"`` action defers it, as it must know the
+account).
 Config keys: ``actions.NAME.forward``, ``actions.NAME.forward_path``.
 """
 
@@ -33,6 +44,9 @@ from tayori import maillog
 from tayori.deliver import privileged
 from tayori.route.aliases import split_targets, target_text
 
+MAX_TARGETS = 1000
+"""Targets one alias or ``.forward`` expands into, at most."""
+
 
 class ForwardUnavailable(Exception):
     """The ``.forward`` could not be read now; try again later."""
@@ -45,6 +59,8 @@ class Forward:
 
 
 def system_account(address: str, delimiter: str) -> pwd.struct_passwd | None:
+    """The account the address's local part names; None for none, and for root. Raises
+    OSError when the password database fails (not for an unknown name)."""
     local = address.lstrip("\\").rpartition("@")[0] or address
     if delimiter and delimiter in local[1:]:
         local = local[0] + local[1:].split(delimiter, 1)[0]
@@ -55,25 +71,35 @@ def system_account(address: str, delimiter: str) -> pwd.struct_passwd | None:
     return account if account.pw_uid != 0 else None
 
 
-def forward_of(template: str, address: str, delimiter: str) -> Forward | None:
-    """The redirection of ``address``'s system account; None when it has none."""
-    account = system_account(address, delimiter)
-    if account is None:
+def forward_of(template: str, address: str, delimiter: str,
+               expanded_by: str = "") -> Forward | None:
+    """The redirection of ``address``'s system account; None when it has none, or when
+    that account's own ``.forward`` made ``address`` (``expanded_by``)."""
+    try:
+        account = system_account(address, delimiter)
+    except OSError as exc:
+        raise ForwardUnavailable(f"password database: {exc.strerror or exc}") from None
+    if account is None or account.pw_name == expanded_by:
         return None
     path = template.replace("{home}", account.pw_dir).replace("{user}", account.pw_name)
     text = _read(account, path)
     if text is None:
         return None
     domain = address.rpartition("@")[2]
-    own = f"{account.pw_name}@{domain}".lower()
-    targets = tuple(dict.fromkeys(
-        target for line in text.splitlines() if not line.lstrip().startswith("#")
-        for part in split_targets(line)
-        if (target := _target(target_text(part), domain, own, path))))
-    return Forward(account.pw_name, targets) if targets else None
+    try:
+        targets = list(dict.fromkeys(
+            target for line in text.splitlines() if not line.lstrip().startswith("#")
+            for part in split_targets(line)
+            if (target := _target(target_text(part), domain, account, delimiter, path))))
+    except OSError as exc:
+        raise ForwardUnavailable(f"password database: {exc.strerror or exc}") from None
+    if len(targets) > MAX_TARGETS:
+        maillog.warning("forward-truncated", file=path, targets=len(targets), kept=MAX_TARGETS)
+    return Forward(account.pw_name, tuple(targets[:MAX_TARGETS])) if targets else None
 
 
-def _target(text: str, domain: str, own: str, path: str) -> str:
+def _target(text: str, domain: str, account: pwd.struct_passwd, delimiter: str,
+            path: str) -> str:
     if not text:
         return ""
     if text.startswith(":include:"):
@@ -83,11 +109,20 @@ def _target(text: str, domain: str, own: str, path: str) -> str:
         return text
     name = text.lstrip("\\")
     address = name if "@" in name else f"{name}@{domain}"
-    if address.lower() == own:
-        return "\\" + own
+    if _own(address, domain, account, delimiter):
+        return f"\\{account.pw_name}@{domain}".lower()
     if text.startswith("\\"):
         return "\\" + address
     return address
+
+
+def _own(address: str, domain: str, account: pwd.struct_passwd, delimiter: str) -> bool:
+    """Whether ``address`` is the account's own: in the recipient's domain, and its
+    local part (any case, any +tag) names the same uid."""
+    if address.rpartition("@")[2].lower() != domain.lower():
+        return False
+    named = system_account(address, delimiter)
+    return named is not None and named.pw_uid == account.pw_uid
 
 
 def _read(account: pwd.struct_passwd, path: str) -> str | None:

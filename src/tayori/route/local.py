@@ -15,7 +15,8 @@ Promises:
   that ``owner`` accepts every local part (the embedded default's behaviour).
 - :meth:`LocalRecipients.expand` returns the final targets of an alias (None for a
   plain mailbox): names are expanded recursively, ``:include:`` files read, duplicates
-  dropped; a loop or more than :data:`MAX_DEPTH` levels raises :class:`AliasLoop`.
+  dropped, at most :data:`~tayori.route.forward.MAX_TARGETS` kept; a loop or more
+  than :data:`MAX_DEPTH` levels raises :class:`AliasLoop`.
   A ``\\name`` target comes back as ``\\name@domain``: that mailbox, never expanded
   again (``root: \\root, admin`` keeps a copy without looping).
 - Table files (users, aliases) are read again when their modification time changes.
@@ -42,7 +43,7 @@ from tayori.config import Config
 from tayori.config.model import ActionConfig
 from tayori.deliver.maildir import usage
 from tayori.route.aliases import AliasError, parse_aliases, split_targets, target_text
-from tayori.route.forward import system_account
+from tayori.route.forward import MAX_TARGETS, system_account
 
 MAX_DEPTH = 20
 OWNER_RECIPIENT = "recipient"
@@ -67,10 +68,6 @@ def mailbox_path(template: str, address: str, delimiter: str = "+") -> str:
         if not _SAFE_LOCAL.match(part) or part.startswith(".") or ".." in part:
             raise MailboxPathError(address)
     return template.replace("{user}", user).replace("{domain}", domain)
-
-
-
-MAX_TARGETS = 1000
 
 
 class AliasLoop(Exception):
