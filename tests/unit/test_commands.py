@@ -296,7 +296,7 @@ def test_rcpt_orcpt_printable_escapes_are_fine(value: str) -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "ENVID=a+0Db", "ENVID=+0A", "ENVID=a+00", "ENVID=a+7F", "ENVID=a+85",
+    "ENVID=a+0Db", "ENVID=+0A", "ENVID=a+00", "ENVID=a+7F", "ENVID=a+C2+85",
     "AUTH=a+0D+0Ab@example.com", "AUTH=+09a@example.com",
 ])
 def test_mail_envid_and_auth_with_a_control_character_are_501(text: str) -> None:
@@ -343,3 +343,11 @@ def test_mail_and_rcpt_params_raise_only_param_error(text: str, utf8: bool) -> N
             parse()
         except ParamError as exc:
             assert exc.reply.code in (501, 552, 555)
+
+
+def test_orcpt_of_a_utf8_address_in_xtext_is_accepted() -> None:
+    """Postfix sends the UTF-8 bytes of a non-ASCII address as +XX (e.g. é is +C3+A9,
+    and bytes 0x80-0x9F occur in others: ā is +C4+81): they are no control characters."""
+    params = parse_rcpt_params("ORCPT=rfc822;j+C3+A4+C4+81rgen@example.org",
+                               frozenset({"DSN"}), False)
+    assert params.orcpt == "rfc822;j+C3+A4+C4+81rgen@example.org"

@@ -155,7 +155,7 @@ def _xtext(params: dict[str, str | None], key: str, limit: int) -> str | None:
     if not value or len(value) > limit or not is_xtext(value):
         raise ParamError(Reply(501, "5.5.4",
                                f"{key} must be xtext of at most {limit} characters"))
-    _refuse_unprintable(key, xtext_decode(value))
+    _refuse_unprintable(key, _text_of(xtext_decode(value)))
     return value
 
 
@@ -163,6 +163,17 @@ def _refuse_unprintable(key: str, decoded: str) -> None:
     """501 when a decoded value holds a control character (or a line separator)."""
     if any(unicodedata.category(char) in _UNPRINTABLE for char in decoded):
         raise ParamError(Reply(501, "5.5.4", f"{key} must not contain control characters"))
+
+
+def _text_of(decoded: str) -> str:
+    """xtext decodes byte by byte (one character per byte): the text those bytes spell
+    when they are UTF-8 (a non-ASCII address from Postfix: ``+C3+A4``); else only their
+    ASCII part, where the controls that matter (CR, LF, NUL) would be."""
+    raw = decoded.encode("latin-1")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("ascii", "ignore")
 
 
 def _notify(value: str) -> tuple[str, ...]:
@@ -181,7 +192,7 @@ def _check_orcpt(value: str, smtputf8: bool) -> None:
     decoded = None
     if sep and address and len(value) <= MAX_ORCPT:
         if kind == "rfc822" and is_xtext(address):
-            decoded = xtext_decode(address)
+            decoded = _text_of(xtext_decode(address))
         elif kind == "utf-8" and smtputf8 and _UTF8_ADDR_XTEXT.match(address):
             decoded = _utf8_addr_decode(address)
     if decoded is None:
