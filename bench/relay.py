@@ -138,8 +138,7 @@ class SinkCounter:
     """smtp-sink's ``-c`` counter, read incrementally from its output file."""
 
     def __init__(self, sink: SmtpSink) -> None:
-        assert sink.output is not None
-        self.handle = open(sink.output, "rb")  # noqa: SIM115
+        self.handle = open(sink.root / "stderr.log", "rb")  # noqa: SIM115
         self.value = 0
 
     def close(self) -> None:
