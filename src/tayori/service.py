@@ -190,6 +190,11 @@ class Supervisor:
         """Handle one child's exit; True when the service must stop with an error."""
         entry = self.children.pop(pid, None)
         if entry is None:
+            if pid == privileged.helper_pid() and not self.stopping:
+                maillog.error("privileged-helper-died",
+                              status=os.waitstatus_to_exitcode(wait_status),
+                              effect="mail for other accounts waits (451 4.3.5) until "
+                                     "tayori is restarted")
             return False
         worker, started = entry
         self.receiver.connections.clear(worker)

@@ -372,6 +372,7 @@ def test_with_the_helper_gone_a_user_who_takes_its_socket_gets_nothing(root: Pat
         wait_for(lambda: len(requests) > 1, what="the fake to see the connections")
     log = tayori.log()
     assert log.count('reply="451 4.3.5') >= 2 and "privileged-helper-unavailable" in log
+    assert "privileged-helper-died" in log   # the supervisor says so, once
     assert new_files(mailbox(tayori, "daemon")) == []
     assert not (root / "shared" / "ran").exists()
     assert set(requests[1:]) == {"request bytes=0 fds=0"}

@@ -86,6 +86,7 @@ PARENT_CHECK = 0.5     # seconds between two looks at the server and at tayori
 ERROR_PAUSE = 0.1      # after a failure while accepting (no busy loop on EMFILE)
 FORWARD_NAME = ".forward"
 _address: str | None = None   # set in the service's processes once the helper runs
+_pid = 0                      # the helper's (keeper's) pid, in the process that forked it
 
 
 class HelperUnavailable(Exception):
@@ -100,6 +101,11 @@ def socket_address(spool_dir: str) -> str:
 def available() -> str | None:
     """The helper's socket address, when one runs for this process's service."""
     return _address
+
+
+def helper_pid() -> int:
+    """The helper's pid in the process that started it (0: none), to notice its end."""
+    return _pid
 
 
 # --- the client side ----------------------------------------------------------------------
@@ -219,7 +225,7 @@ def _reply_of(answer: dict[str, Any]) -> Reply:
 
 def start(spool_dir: str, client_uid: int) -> int:
     """Fork the helper (we are root); its pid. Processes forked later know its address."""
-    global _address
+    global _address, _pid
     address = socket_address(spool_dir)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(address)
@@ -227,7 +233,7 @@ def start(spool_dir: str, client_uid: int) -> int:
     pid = os.fork()
     if pid:
         listener.close()
-        _address = address
+        _address, _pid = address, pid
         return pid
     try:
         die_with_parent()
